@@ -1,0 +1,1 @@
+"""One module per ``llava-uhd`` subcommand (see :mod:`llava_uhd.cli`)."""

@@ -1,0 +1,47 @@
+"""Arguments shared by several subcommands: the preset and every slicing knob."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from llava_uhd.config import Preset, get_preset
+
+
+def add_preset_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
+    group = parser.add_argument_group("preset and slicing")
+    group.add_argument("--preset", default=default_preset, help="preset name (paper, official-v1, tiny) or a YAML file")
+    group.add_argument("--max-slices", type=int, default=None, help="most slices per image (preset: 6 or 7)")
+    group.add_argument("--scale-resolution", type=int, default=None, help="ViT pre-training side S (336)")
+    group.add_argument("--patch-size", type=int, default=None, help="ViT patch side (14)")
+    group.add_argument(
+        "--pre-resize-long-side", type=int, default=None, metavar="L",
+        help="resize every image so its long side is L before slicing (the released evaluation uses 1024)",
+    )
+    group.add_argument("--no-upscale", action="store_true", help="do not upscale small unsliced images")
+    group.add_argument("--max-vit-patches", type=int, default=None, help="refuse plans with more ViT patches")
+    group.add_argument("--max-image-pixels", type=int, default=None, help="refuse images with more pixels")
+
+
+def preset_from_args(args: argparse.Namespace) -> Preset:
+    """The preset named by ``--preset`` with the slicing flags applied on top."""
+    preset = get_preset(args.preset)
+    overrides = {
+        "max_slices": args.max_slices,
+        "scale_resolution": args.scale_resolution,
+        "patch_size": args.patch_size,
+        "pre_resize_long_side": args.pre_resize_long_side,
+        "max_vit_patches": args.max_vit_patches,
+        "max_image_pixels": args.max_image_pixels,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_upscale:
+        overrides["upscale_small"] = False
+    if not overrides:
+        return preset
+    slicing = replace(preset.slicing, **overrides)
+    vision = preset.vision
+    if "patch_size" in overrides:  # the ViT must agree with the slicer on the patch size
+        vision = replace(vision, patch_size=slicing.patch_size,
+                         image_size=slicing.patch_size * vision.grid_side)
+    return replace(preset, slicing=slicing, vision=vision)

@@ -1,0 +1,31 @@
+"""Typed errors. Every failure the user can cause is one of these, with the offending input named."""
+
+from __future__ import annotations
+
+
+class LlavaUHDError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(LlavaUHDError, ValueError):
+    """A configuration value, preset name or YAML file is invalid."""
+
+
+class ImageSizeError(LlavaUHDError, ValueError):
+    """An image size cannot be planned (a side of 0 pixels, not an integer, ...)."""
+
+
+class PlanLimitError(LlavaUHDError, ValueError):
+    """A plan exceeds a configured safety limit (ViT patches, image pixels)."""
+
+
+class ImageLoadError(LlavaUHDError, ValueError):
+    """An image input cannot be read: missing, a directory, empty, truncated, not an image, too large."""
+
+
+class TokenBudgetError(LlavaUHDError, ValueError):
+    """The visual-token budget of a request cannot hold even the minimum layout of its images."""
+
+
+class PlaceholderMismatchError(LlavaUHDError, ValueError):
+    """The number of image placeholders in the text disagrees with the visual features."""

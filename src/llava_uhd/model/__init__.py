@@ -1,0 +1,1 @@
+"""The LLaVA-UHD model: vision encoder, resampler, language-model glue and weight loading."""
