@@ -12,28 +12,38 @@ from collections.abc import Sequence
 
 from llava_uhd.errors import LlavaUHDError
 
-# name -> module under llava_uhd.commands; each module has add_arguments(parser) and run(args) -> int
-COMMANDS: dict[str, str] = {
-    "plan": "plan",
-    "slice": "slice",
-    "demo": "demo",
+# name -> (module under llava_uhd.commands, one-line help). Each module has add_arguments(parser) and
+# run(args) -> int; only the chosen command's module is imported, so `plan` never pays for torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("plan", "show how images are sliced (grid, slice and overview sizes, token counts)"),
+    "slice": ("slice", "draw what the model sees: the slice grid, each slice, the overview, the layout"),
+    "demo": ("demo", "run the demo on the bundled example image"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that subcommand's arguments are loaded."""
     parser = argparse.ArgumentParser(prog="llava-uhd", description="LLaVA-UHD: any-aspect-ratio, high-resolution LMM")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
+    for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(f"llava_uhd.commands.{module_name}")
-        sub_parser = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        sub_parser = sub.add_parser(name, help=help_text, description=module.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub_parser)
         sub_parser.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(chosen)
     args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):  # only reachable for a command that was not loaded
+        parser.error(f"unknown command {args.command!r}")
     try:
         return int(args._run(args) or 0)
     except LlavaUHDError as exc:

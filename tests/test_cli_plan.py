@@ -1,0 +1,83 @@
+"""`llava-uhd plan`: the JSON contract, error lines, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llava_uhd.cli import main
+
+KEYS = {"width", "height", "grid", "overview", "slices", "separators", "vit_patches", "llm_tokens"}
+
+
+def run_plan(capsys, *argv: str) -> tuple[int, list[dict], str]:
+    code = main(["plan", "--json", *argv])
+    captured = capsys.readouterr()
+    return code, [json.loads(line) for line in captured.out.splitlines()], captured.err
+
+
+def test_json_contract(capsys):
+    code, records, _ = run_plan(capsys, "1024x768", "300x200")
+    assert code == 0
+    sliced, small = records
+    assert set(sliced) == KEYS
+    assert sliced["width"] == 1024 and sliced["height"] == 768
+    assert sliced["grid"] == {"rows": 2, "cols": 3}
+    assert sliced["overview"] == {"width": 378, "height": 280}
+    assert sliced["slices"] == [{"width": 308, "height": 350}] * 6
+    assert sliced["separators"] == [",", ",", "\n", ",", ",", "\n"]
+    assert sliced["vit_patches"] == 6 * 22 * 25 + 27 * 20
+    assert sliced["llm_tokens"] == 6 * 65 + 64
+    assert small["grid"] is None and small["slices"] == [] and small["separators"] == []
+    assert small["llm_tokens"] == 64
+
+
+def test_preset_and_flags(capsys):
+    _, (rec,), _ = run_plan(capsys, "--preset", "official-v1", "4000x3000")
+    assert len(rec["slices"]) <= 7 and rec["llm_tokens"] == len(rec["slices"]) * 145 + 144
+    _, (rec,), _ = run_plan(capsys, "--max-slices", "2", "4000x3000")
+    assert len(rec["slices"]) == 2
+    _, (rec,), _ = run_plan(capsys, "--pre-resize-long-side", "1024", "474x474")
+    assert rec["pre_resized"] == {"width": 1023, "height": 1024}
+    assert rec["width"] == 474
+
+
+def test_bad_items_get_error_lines_and_exit_1(capsys):
+    code, records, _ = run_plan(capsys, "640x480", "0x10", "1x100000", "/no/such/file.png")
+    assert code == 1
+    assert [("error" in r) for r in records] == [False, True, True, True]
+    assert records[1]["width"] == 0 and records[1]["height"] == 10 and "0 pixels" in records[1]["error"]
+    assert "max_vit_patches" in records[2]["error"] and records[2]["width"] == 1
+    assert "/no/such/file.png" in records[3]["error"] and records[3]["width"] is None
+    assert set(records[1]) == {"width", "height", "error"}
+
+
+def test_pre_resize_to_zero_is_an_error_line(capsys):
+    code, records, _ = run_plan(capsys, "--pre-resize-long-side", "1024", "1x5000", "640x480")
+    assert code == 1
+    assert "0x1024" in records[0]["error"] and "pre_resized" in records[1]
+
+
+def test_human_output_and_usage_errors(capsys):
+    assert main(["plan", "1920x1080"]) == 0
+    out = capsys.readouterr().out
+    assert "3x2 grid" in out and "[s1] , [s2] , [s3] \\n" in out
+    assert main(["plan", "--preset", "nope", "10x10"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_console_script_runs_without_a_traceback(tmp_path):
+    exe = [sys.executable, "-m", "llava_uhd.cli"]
+    done = subprocess.run([*exe, "plan", "--json", "10x300", "0x5"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert json.loads(done.stdout.splitlines()[0])["overview"] == {"width": 56, "height": 1834}
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("items", [[f"{w}x{h}" for w in range(1, 1001, 37) for h in (1, 500, 3001)]])
+def test_many_items_one_line_each(capsys, items):
+    code, records, _ = run_plan(capsys, *items)
+    assert code == 0 and len(records) == len(items)
