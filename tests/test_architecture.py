@@ -1,0 +1,83 @@
+"""Imports flow one way (DESIGN.md section 8), checked statically over every module of the package.
+
+Lazy imports inside functions count too: a dependency is a dependency wherever it is written.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llava_uhd"
+
+# top-level part -> parts of llava_uhd it must never import
+FORBIDDEN: dict[str, set[str]] = {
+    "config": {"slicing", "layout", "processing", "images", "model", "data", "train", "inference", "eval", "cli", "commands"},
+    "slicing": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
+    "layout": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
+    "images": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
+    "processing": {"model", "data", "train", "inference", "eval", "cli", "commands"},
+    "model": {"processing", "data", "train", "inference", "eval", "cli", "commands", "auto"},
+    "data": {"model", "train", "inference", "eval", "cli", "commands"},
+    "inference": {"train", "cli", "commands"},
+    "eval": {"train", "cli", "commands"},
+    "train": {"cli", "commands"},
+}
+TORCH_FREE = {"config", "slicing", "layout", "errors", "images"}
+
+
+def _part(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    return rel.parts[0]
+
+
+def _imports(path: Path) -> set[str]:
+    package = ".".join(("llava_uhd", *path.relative_to(PACKAGE).with_suffix("").parts[:-1]))
+    return _imports_of(path.read_text(), package)
+
+
+def _imports_of(source: str, package: str) -> set[str]:
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # resolve relative imports against the module's package
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def test_import_collection_sees_lazy_and_relative_imports():
+    source = "import torch\ndef f():\n    from ..processing import X\n    from . import vision\n"
+    found = _imports_of(source, "llava_uhd.model")
+    assert {"torch", "llava_uhd.processing", "llava_uhd.processing.X", "llava_uhd.model.vision"} <= found
+
+
+def test_the_package_has_modules():
+    assert {"config", "slicing", "layout", "cli"} <= {_part(p) for p in MODULES}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_flow_one_way(path):
+    part = _part(path)
+    forbidden = FORBIDDEN.get(part, set())
+    bad = sorted(
+        name for name in _imports(path)
+        if name.startswith("llava_uhd.") and name.split(".")[1] in forbidden
+    )
+    assert not bad, f"{path.relative_to(PACKAGE)} ({part}) must not import {bad}"
+    if part in TORCH_FREE:
+        torchy = sorted(n for n in _imports(path) if n.split(".")[0] in {"torch", "torchvision", "transformers"})
+        assert not torchy, f"{path.relative_to(PACKAGE)} must stay torch-free, imports {torchy}"
