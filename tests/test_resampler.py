@@ -66,9 +66,9 @@ def test_init_follows_released_recipe() -> None:
     torch.manual_seed(0)
     d = 256
     module = PerceiverResampler(ResamplerConfig(num_queries=64, num_heads=8), 128, d)
-    assert module.query.abs().max() <= 2 * 0.02  # truncated at two standard deviations
-    assert module.query.std().item() == pytest.approx(0.02 * 0.88, rel=0.1)  # trunc-normal's shrunk std
-    assert module.kv_proj.weight.abs().max() <= 2 * 0.02
+    # trunc_normal_'s cut is at +-2 absolute (timm's and torch's default), so it is a plain N(0, 0.02) here
+    assert module.query.std().item() == pytest.approx(0.02, rel=0.05)
+    assert module.kv_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.all(module.attn.out_proj.bias == 0) and torch.all(module.ln_post.weight == 1)
     assert module.proj.std().item() == pytest.approx(d**-0.5, rel=0.05)
     assert torch.equal(module.pos_embed.detach(), _mae_sincos(d, 8))

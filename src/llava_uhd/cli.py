@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("plan", "show how images are sliced (grid, slice and overview sizes, token counts)"),
     "slice": ("slice", "draw what the model sees: the slice grid, each slice, the overview, the layout"),
     "demo": ("demo", "run the demo on the bundled example image"),
+    "train": ("train", "train a stage (resampler alignment or instruction tuning) from a YAML config"),
+    "convert": ("convert", "convert a released LLaVA-UHD checkpoint into a llava-uhd model folder"),
+    "ask": ("ask", "answer a question about images with a saved model"),
 }
 
 

@@ -29,3 +29,17 @@ class TokenBudgetError(LlavaUHDError, ValueError):
 
 class PlaceholderMismatchError(LlavaUHDError, ValueError):
     """The number of image placeholders in the text disagrees with the visual features."""
+
+
+class BadSampleError(LlavaUHDError, ValueError):
+    """A training record cannot be used (missing or corrupt image, malformed turns, image-count mismatch,
+    visual block longer than ``max_length``). Carries the record's ``sample_id`` and the ``reason``."""
+
+    def __init__(self, sample_id: str, reason: str) -> None:
+        super().__init__(f"sample {sample_id!r}: {reason}")
+        self.sample_id = sample_id
+        self.reason = reason
+
+
+class CheckpointError(LlavaUHDError, ValueError):
+    """Weights cannot be read or do not fit the model: missing or unexpected keys, wrong shapes, no files."""

@@ -17,15 +17,15 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 from llava_uhd.config import DEFAULT_MAX_IMAGE_PIXELS
 from llava_uhd.errors import ImageLoadError
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 # What Pillow's decoders raise on bad data. OSError covers missing files, UnidentifiedImageError and
 # "image file is truncated"; the others come from plugins parsing corrupt headers (found by fuzzing).
@@ -48,6 +48,7 @@ _PIL_ERRORS: tuple[type[BaseException], ...] = (
 # EXIF orientations 5-8 transpose the image, so width and height swap (EXIF 2.3, tag 0x0112).
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_TIFF_WIDTH_TAG, _TIFF_LENGTH_TAG = 256, 257  # ImageWidth, ImageLength (TIFF 6.0)
 
 _UINT8_MAX = 255
 _UINT16_MAX = 65535
@@ -154,10 +155,19 @@ def probe_image_size(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PI
             orientation = _exif_orientation(image)
         except _PIL_ERRORS:  # unreadable metadata: the pixels are still upright as stored
             orientation = 1
-        width, height = image.size
+        width, height = _stored_size(image)
     if orientation in _TRANSPOSING_ORIENTATIONS:
         return height, width
     return width, height
+
+
+def _stored_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the pixels as stored, before any EXIF orientation."""
+    if isinstance(image, TiffImagePlugin.TiffImageFile):
+        # Pillow 11+ reports a TIFF's size already upright (it transposes inside load()); the header
+        # tags hold the stored size whatever the Pillow version.
+        return image.tag_v2[_TIFF_WIDTH_TAG], image.tag_v2[_TIFF_LENGTH_TAG]
+    return image.size
 
 
 def _open_source(source: object) -> IO[bytes]:
@@ -239,9 +249,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=_UINT8_MAX, neginf=0.0)
         in_unit_range = values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0
         return _grey_to_rgb(values * _UINT8_MAX if in_unit_range else values)
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    elif mode in ("LA", "La", "PA", "RGBa"):
+    has_alpha = mode in ("LA", "La", "PA", "RGBa") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         white = Image.new("RGBA", image.size, (*_WHITE, _UINT8_MAX))
@@ -252,7 +261,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _grey_to_rgb(levels: np.ndarray) -> Image.Image:
     """A float array of 0-255 levels (any range; clipped, rounded) -> RGB."""
     grey = np.clip(np.rint(levels), 0, _UINT8_MAX).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
+    return Image.fromarray(grey).convert("RGB")
 
 
 def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
@@ -274,9 +283,5 @@ def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
         raise _fail(array, f"array dtype must be uint8 or float in [0, 1], got {array.dtype}")
     if data.ndim == 3 and data.shape[2] == 1:
         data = data[:, :, 0]
-    mode = {2: "L", 3: "RGB", 4: "RGBA"}[data.ndim if data.ndim == 2 else data.shape[2] - 1 + 2 - (data.shape[2] == 3)]
-    return to_rgb(Image.fromarray(np.ascontiguousarray(data), mode=mode))
-
-
-def _unused(*_: Any) -> None:  # pragma: no cover - placeholder removed below
-    return None
+    # Pillow infers the mode from the shape of a uint8 array: L, RGB or RGBA
+    return to_rgb(Image.fromarray(np.ascontiguousarray(data)))

@@ -29,7 +29,9 @@ INIT_STD = 0.02
 def check_piece_grids(features: torch.Tensor, piece_grids: torch.Tensor) -> torch.Tensor:
     """Validate (N, 2) (rows, cols) grids against packed (Pt, Dv) features; return per-piece lengths (N,)."""
     if piece_grids.ndim != 2 or piece_grids.shape[1] != 2:
-        raise ConfigError(f"piece_grids must have shape (N, 2) as (rows, cols), got {tuple(piece_grids.shape)}")
+        raise ConfigError(
+            f"piece_grids must have shape (N, 2) as (rows, cols), got {tuple(piece_grids.shape)}"
+        )
     if features.ndim != 2:
         raise ConfigError(f"features must be packed as (Pt, Dv), got shape {tuple(features.shape)}")
     if piece_grids.numel() and int(piece_grids.min()) < 1:
@@ -65,12 +67,16 @@ class PerceiverResampler(nn.Module):
         self.grid_side = config.grid_side
         self.num_heads = config.resolved_heads(embed_dim)
         if embed_dim % 4:
-            raise ConfigError(f"resampler embed_dim must be a multiple of 4 for 2D sin-cos positions, got {embed_dim}")
+            raise ConfigError(
+                f"resampler embed_dim must be a multiple of 4 for 2D sin-cos positions, got {embed_dim}"
+            )
 
         self.query = nn.Parameter(torch.empty(self.num_queries, embed_dim))
         self.pos_embed = nn.Parameter(torch.empty(self.num_queries, embed_dim))
         # The released code projects only when the widths differ (no bias), else passes features through.
-        self.kv_proj: nn.Module = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
+        self.kv_proj: nn.Module = (
+            nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
+        )
         self.attn = nn.MultiheadAttention(embed_dim, self.num_heads, batch_first=True)
         self.ln_q = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)

@@ -1,0 +1,143 @@
+"""Vision encoder throughput: packed pieces vs padded-to-the-native-grid vs a per-piece loop.
+
+A batch of 8 images of mixed sizes is planned with the ``paper`` preset (DESIGN.md section 3), giving
+pieces of many patch grids. The same :class:`~llava_uhd.model.vision.VisionTransformer` weights encode
+them three ways:
+
+- packed: all pieces in one sequence (strategy "auto": one dense attention call per distinct length on
+  CPU, a varlen kernel on CUDA);
+- padded: every piece padded to the 24x24 grid (or the longest piece) with a key-padding mask, the
+  whole tower running on the pads too;
+- loop: one forward per piece.
+
+Also compared: the packed attention strategies on one image (the block mask is O(L^2), so the full
+batch would need a ~700 MB mask). On CPU the tower has CLIP-L width (1024, 16 heads, 4096 MLP) and a
+reduced depth; with CUDA it is the full 24-layer tower in bf16.
+
+    .venv/bin/python benchmarks/vision.py            # prints the table, rewrites the README section
+    .venv/bin/python benchmarks/vision.py --no-write # prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llava_uhd.config import PAPER, VisionConfig
+from llava_uhd.model.vision import VisionTransformer
+from llava_uhd.slicing import plan_slices
+
+IMAGE_SIZES = [(640, 480), (1024, 768), (1920, 1080), (672, 1008), (4000, 100), (336, 336), (800, 1200), (1280, 720)]
+README = Path(__file__).with_name("README.md")
+SECTION = "## Vision encoder (`benchmarks/vision.py`)"
+
+
+def batch_grids(sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """(N, 2) (rows, cols) of every piece of every image, in batch order."""
+    return torch.tensor([list(g) for w, h in sizes for g in plan_slices(w, h, PAPER.slicing).piece_grids])
+
+
+def timed(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def per_piece_loop(model: VisionTransformer, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    counts = grids.prod(dim=1).tolist()
+    pieces = pixel_values.split(counts)
+    return torch.cat([model(p, grids[i : i + 1]) for i, p in enumerate(pieces)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=None, help="ViT depth (default: 2 on CPU, 24 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite benchmarks/README.md")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    layers = args.layers or (24 if cuda else 2)
+    # CLIP ViT-L/14-336 width; feature_layer -1 so that every configured layer runs.
+    config = VisionConfig(num_layers=layers, feature_layer=-1)
+    torch.manual_seed(0)
+    model = VisionTransformer(config).to(device, dtype).eval()
+
+    grids = batch_grids(IMAGE_SIZES).to(device)
+    patches = int(grids.prod(dim=1).sum())
+    pixel_values = torch.randn(patches, 3 * config.patch_size**2, device=device, dtype=dtype)
+    pieces = grids.shape[0]
+
+    rows: list[tuple[str, float]] = []
+    with torch.inference_mode():
+        packed = model(pixel_values, grids)
+        for check in (model(pixel_values, grids, strategy="padded"), per_piece_loop(model, pixel_values, grids)):
+            assert (check.float() - packed.float()).abs().max() <= 1e-3 * packed.float().abs().max()
+        strategy = model.layout(grids).attend.strategy
+        rows.append((f"packed ({strategy})", timed(lambda: model(pixel_values, grids), args.repeats)))
+        rows.append(("padded to 24x24 + key mask", timed(lambda: model(pixel_values, grids, strategy="padded"), args.repeats)))
+        rows.append(("per-piece loop", timed(lambda: per_piece_loop(model, pixel_values, grids), args.repeats)))
+
+        one = batch_grids(IMAGE_SIZES[1:2]).to(device)  # 1024x768: 7 pieces, two distinct lengths
+        one_pixels = pixel_values[: int(one.prod(dim=1).sum())]
+        strategy_rows = [
+            (name, timed(lambda name=name: model(one_pixels, one, strategy=name), args.repeats))
+            for name in (["grouped", "block_mask"] + (["varlen"] if model.layout(one).attend.strategy == "varlen" else []))
+        ]
+
+    packed_s = rows[0][1]
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})"
+    lines = [
+        f"{len(IMAGE_SIZES)} images ({', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}), paper preset: "
+        f"{pieces} pieces, {patches} patches. ViT width {config.hidden_size}, {config.num_heads} heads, "
+        f"MLP {config.intermediate_size}, {layers} layers, {str(dtype).removeprefix('torch.')}, {where}; "
+        f"median of {args.repeats} after a warm-up.",
+        "",
+        "| encoding | s / batch | pieces/s | packed speed-up |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {s:.2f} | {pieces / s:.1f} | {s / packed_s:.2f}x |" for name, s in rows]
+    lines += [
+        "",
+        f"Packed attention strategies on one 1024x768 image ({one.shape[0]} pieces):",
+        "",
+        "| strategy | s / image | pieces/s |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {s:.3f} | {one.shape[0] / s:.1f} |" for name, s in strategy_rows]
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        command = "python benchmarks/vision.py" + (f" --layers {args.layers}" if args.layers else "")
+        write_section(f"Command: `{command}`\n\n{table}\n")
+    return 0
+
+
+def write_section(body: str) -> None:
+    """Replace the text under this script's heading in benchmarks/README.md, leaving other sections alone."""
+    text = README.read_text()
+    pattern = re.compile(rf"({re.escape(SECTION)}\n)(.*?)(?=\n## |\Z)", re.S)
+    if not pattern.search(text):
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
+    README.write_text(pattern.sub(lambda m: f"{m.group(1)}\n{body}", text, count=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

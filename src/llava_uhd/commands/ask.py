@@ -1,0 +1,54 @@
+"""Ask a saved model a question about one or more images.
+
+``llava-uhd ask --model DIR --image IMG "question"`` loads DIR (written by ``save_pretrained`` or by
+``llava-uhd convert``), slices the images with the slicing saved in DIR (official-v1's after conversion),
+and prints the answer. ``--image`` may be repeated; the images go before the question, in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "answer a question about images with a saved model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("question", help="the question (images are placed before it)")
+    parser.add_argument("--model", required=True, type=Path, metavar="DIR", help="a saved model folder")
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="IMG", help="an image file; repeat for several images"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (256)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0: no sampling)"
+    )
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with the answer")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from llava_uhd.inference.generate import GenerationOptions, answer, load_model_and_processor
+
+    options = GenerationOptions(  # checked before the (slow) model load
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_model_and_processor(args.model, device=device)
+    images = [str(path) for path in args.image]
+    text = answer(model, processor, images, args.question, **vars(options))
+    if args.json:
+        record = {"model": str(args.model), "images": images, "question": args.question, "answer": text}
+        sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0

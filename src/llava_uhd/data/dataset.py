@@ -1,0 +1,240 @@
+"""The LLaVA training dataset: records in, model-ready samples out (images sliced in ``__getitem__``, so in
+DataLoader workers).
+
+A sample is a dict: ``id``; ``input_ids`` and ``labels`` (T,) long; ``pixel_values`` (Pt, C*P*P) float32
+and ``piece_grids`` (N, 2) long (empty for text-only samples); ``pieces_per_image`` (n_images,) long;
+``num_text_tokens`` and ``num_visual_tokens`` (ints, for the length sampler).
+
+Bad records (missing or corrupt image, malformed turns, image-count mismatch, a visual block longer than
+``max_length``) raise :class:`~llava_uhd.errors.BadSampleError` naming the id and reason with
+``on_bad_sample="error"``. With ``"skip"`` the next record (index + 1, + 2, ... wrapping) is returned
+instead, deterministically, and every skipped id and reason is appended to the skip log (JSONL) and
+counted. Only typed errors are caught; a bug still crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from llava_uhd.config import Preset
+from llava_uhd.data.augment import AugmentConfig, augment_image
+from llava_uhd.data.conversation import encode_conversation, parse_record, record_id, truncate
+from llava_uhd.data.pieces import encode_image, visual_length
+from llava_uhd.data.templates import MalformedConversationError, Template, get_template
+from llava_uhd.errors import BadSampleError, ConfigError, ImageLoadError, ImageSizeError, PlanLimitError
+from llava_uhd.images import load_image, probe_image_size
+from llava_uhd.processing import LlavaUHDProcessor
+
+logger = logging.getLogger(__name__)
+
+BadSamplePolicy = Literal["error", "skip"]
+
+# The image failures a record can cause, turned into a BadSampleError for the skip policy.
+_IMAGE_ERRORS = (ImageLoadError, ImageSizeError, PlanLimitError)
+# Per-sample RNG seeds mix (seed, epoch, index) with these odd multipliers so nearby triples do not collide.
+_EPOCH_MIX, _INDEX_MIX = 1_000_003, 7_919
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a LLaVA JSON file (a list of records) or JSONL (one record per line, blank lines ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such data file")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl":
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{p}:{line_no}: not valid JSON: {exc.msg}") from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"{p}: a LLaVA JSON file must hold a list of records, got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class SkipLog:
+    """Where skipped samples go: one JSON line ``{"id", "index", "reason"}`` each, and a counter.
+
+    The file is appended to (each line written in one call), so DataLoader workers can share it;
+    :func:`read_skip_log` gives the total over all workers, ``count`` this process's skips.
+    """
+
+    path: Path | None = None
+    count: int = 0
+
+    def record(self, sample_id: str, index: int, reason: str) -> None:
+        self.count += 1
+        logger.warning("skipping sample %r (index %d): %s", sample_id, index, reason)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            line = json.dumps({"id": sample_id, "index": index, "reason": reason}) + "\n"
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
+
+
+def read_skip_log(path: str | Path) -> list[dict[str, Any]]:
+    """Every entry of a skip log (empty when the file does not exist)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """LLaVA records -> samples (see the module docstring for the sample's keys).
+
+    Args:
+        records: a list of records, or a path to a LLaVA JSON / JSONL file.
+        image_folder: the folder record image paths are relative to.
+        processor: the :class:`~llava_uhd.processing.LlavaUHDProcessor`: tokenizer (with ``<image>``),
+            preset, separator ids and resize mode.
+        template: ``plain``, ``vicuna_v1``, ``chat_template`` or a template object.
+        max_length: the most tokens of a sample (text + visual); longer text is cut, never a visual block.
+        overview_only: stage 1 (DESIGN.md section 7): one piece per image, the overview.
+        on_bad_sample: ``"error"`` raises; ``"skip"`` logs and returns the next good record.
+        skip_log: the JSONL file skipped samples are appended to (``"skip"`` only).
+        augment: image augmentations (off by default, as in the released recipe).
+        seed: seeds the augmentations together with the epoch (:meth:`set_epoch`) and index.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]] | str | Path,
+        image_folder: str | Path | None,
+        processor: LlavaUHDProcessor,
+        template: str | Template = "vicuna_v1",
+        max_length: int = 2048,
+        overview_only: bool = False,
+        on_bad_sample: BadSamplePolicy = "error",
+        skip_log: str | Path | None = None,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        if on_bad_sample not in ("error", "skip"):
+            raise ConfigError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        if max_length < 1:
+            raise ConfigError(f"max_length must be >= 1, got {max_length!r}")
+        self.records = load_records(records) if isinstance(records, str | Path) else list(records)
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.preset: Preset = processor.preset
+        self.template = get_template(template)
+        self.max_length = max_length
+        self.overview_only = overview_only
+        self.on_bad_sample = on_bad_sample
+        self.skips = SkipLog(Path(skip_log) if skip_log is not None else None)
+        self.augment = augment or AugmentConfig()
+        self.seed = seed
+        self.epoch = 0
+        self._lengths: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make augmentations depend on the epoch (call before each epoch, like DistributedSampler's)."""
+        self.epoch = epoch
+
+    @property
+    def skipped(self) -> int:
+        """Samples this process skipped (for the whole run across workers, read the skip log)."""
+        return self.skips.count
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.on_bad_sample == "error":
+            return self.build(index)
+        for attempt in range(len(self)):
+            current = (index + attempt) % len(self)
+            try:
+                return self.build(current)
+            except BadSampleError as exc:
+                self.skips.record(exc.sample_id, current, exc.reason)
+        raise BadSampleError(record_id(self.records[index], index), "every record in the dataset is bad")
+
+    def _image_path(self, relative: str) -> Path:
+        return self.image_folder / relative if self.image_folder is not None else Path(relative)
+
+    def _load(self, relative: str, sample_id: str, rng: random.Random) -> Image.Image:
+        try:
+            image = load_image(self._image_path(relative), self.preset.slicing.max_image_pixels)
+        except ImageLoadError as exc:
+            raise BadSampleError(sample_id, f"image {relative!r} cannot be loaded: {exc}") from None
+        return augment_image(image, self.augment, rng)
+
+    def build(self, index: int) -> dict[str, Any]:
+        """The sample for record ``index``; raises :class:`BadSampleError` for a bad record."""
+        conversation = parse_record(self.records[index], index)
+        sid = conversation.id
+        rng = random.Random(self.seed * _EPOCH_MIX * _INDEX_MIX + self.epoch * _INDEX_MIX + index)
+        images = []
+        for path in conversation.images:
+            image = self._load(path, sid, rng)
+            try:
+                images.append(encode_image(image, self.processor, self.overview_only))
+            except _IMAGE_ERRORS as exc:
+                raise BadSampleError(sid, f"image {path!r}: {exc}") from None
+        try:
+            encoded = encode_conversation(
+                conversation.turns, self.template, self.tokenizer, lambda i: images[i].layout_ids
+            )
+        except MalformedConversationError as exc:
+            raise BadSampleError(sid, f"malformed turns: {exc}") from None
+        encoded = truncate(encoded, self.max_length, sid)
+        patch_dim = len(self.preset.slicing.image_mean) * self.preset.slicing.patch_size**2
+        if images:
+            pixel_values = torch.cat([im.pixel_values for im in images])
+            piece_grids = torch.cat([im.piece_grids for im in images])
+        else:  # text-only: no pieces
+            pixel_values, piece_grids = torch.zeros(0, patch_dim), torch.zeros(0, 2, dtype=torch.long)
+        return {
+            "id": sid,
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+            "piece_grids": piece_grids,
+            "pieces_per_image": torch.tensor([len(im.piece_grids) for im in images], dtype=torch.long),
+            "num_text_tokens": encoded.num_text_tokens,
+            "num_visual_tokens": encoded.num_visual_tokens,
+        }
+
+    def lengths(self) -> list[int]:
+        """Each record's total length (text + visual tokens, capped at ``max_length``) for the sampler.
+
+        Exact for unaugmented data: the text is tokenized and each image's plan made from its file header
+        (no pixel decoding). A record that cannot be parsed or opened gets length 0 (it will be skipped or
+        raise when read). Computed once and cached.
+        """
+        if self._lengths is None:
+            self._lengths = [self._length(i) for i in range(len(self))]
+        return self._lengths
+
+    def _length(self, index: int) -> int:
+        limit = self.preset.slicing.max_image_pixels
+        try:
+            conversation = parse_record(self.records[index], index)
+            visual = 0
+            for path in conversation.images:
+                size = probe_image_size(self._image_path(path), max_pixels=limit)  # header only
+                visual += visual_length(size, self.processor, self.overview_only)
+            text = encode_conversation(conversation.turns, self.template, self.tokenizer, lambda i: [])
+        except (BadSampleError, MalformedConversationError, *_IMAGE_ERRORS):
+            return 0
+        return min(len(text.input_ids) + visual, self.max_length)

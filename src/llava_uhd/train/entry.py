@@ -1,0 +1,142 @@
+"""One training run from a :class:`TrainConfig`: build, train, checkpoint, save the final model.
+
+The output folder holds ``checkpoints/`` (resumable), ``metrics.jsonl``, ``skipped.jsonl`` (bad samples
+with ``on_bad_sample: skip``), ``config.yaml`` (resolved) and ``final/``: the model and processor in the
+``save_pretrained`` format the inference code loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llava_uhd.errors import ConfigError
+from llava_uhd.train import parallel
+from llava_uhd.train.checkpointing import latest_checkpoint
+from llava_uhd.train.config import TrainConfig
+from llava_uhd.train.loop import TrainData, Trainer, TrainResult
+from llava_uhd.train.setup import build_model, build_processor, merge_lora, prepare_model
+from llava_uhd.train.stages import StageSpec, get_stage
+
+logger = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+SKIP_LOG = "skipped.jsonl"
+SYNTH_DIR = "synthetic"
+# stage 1 trains on captions; stage 2 on the instruction mix (captions, questions, text-only turns)
+SYNTH_KINDS = {"overview": ("caption",), "all": ("caption", "qa", "text")}
+
+
+def _synthetic(
+    config: TrainConfig, stage: StageSpec, rank: int, split: str, n: int, seed: int
+) -> tuple[Path, Path]:
+    """Generate (rank 0) or wait for a synthetic LLaVA JSON; returns (json path, image folder)."""
+    from llava_uhd.synth.dataset import make_dataset
+
+    folder = Path(config.output_dir) / SYNTH_DIR / split
+    if rank == 0:
+        make_dataset(folder, n=n, seed=seed, kinds=SYNTH_KINDS[stage.pieces])
+    parallel.barrier()
+    return folder / "data.json", folder / "images"
+
+
+def build_data(config: TrainConfig, stage: StageSpec, processor: Any, rank: int) -> TrainData:
+    """Datasets, collate and lengths for the loop."""
+    from llava_uhd.data import LlavaCollator, LlavaDataset, read_skip_log
+
+    data = config.data
+    template = data.template or stage.template or processor.preset.template
+    skip_log = Path(config.output_dir) / SKIP_LOG
+    common = {
+        "processor": processor,
+        "template": template,
+        "max_length": data.max_length,
+        "overview_only": stage.pieces == "overview",
+        "on_bad_sample": data.on_bad_sample,
+        "seed": config.seed,
+    }
+    if data.train is not None:
+        train_path, image_folder = Path(data.train), data.image_folder
+    else:
+        train_path, image_folder = _synthetic(
+            config, stage, rank, "train", data.synthetic_samples, config.seed
+        )
+    train = LlavaDataset(train_path, image_folder, skip_log=skip_log, **common)
+    eval_set = None
+    if data.eval is not None:
+        eval_set = LlavaDataset(Path(data.eval), data.image_folder, **common)
+    elif data.train is None and data.synthetic_eval_samples > 0:
+        eval_path, eval_images = _synthetic(
+            config, stage, rank, "eval", data.synthetic_eval_samples, config.seed + 1
+        )
+        eval_set = LlavaDataset(eval_path, eval_images, **common)
+    return TrainData(
+        dataset=train,
+        collate=LlavaCollator.for_tokenizer(processor.tokenizer),
+        lengths=train.lengths() if data.group_by_length else None,
+        eval_dataset=eval_set,
+        skipped=lambda: len(read_skip_log(skip_log)),
+    )
+
+
+def resolve_resume(config: TrainConfig, resume: bool | str | Path) -> Path | None:
+    """``True``: the latest checkpoint in the output folder (None on a fresh folder); a path: that one."""
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        found = latest_checkpoint(config.output_dir)
+        if found is None:
+            logger.info("no checkpoint in %s; starting fresh", config.output_dir)
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"--resume {str(resume)!r}: no such checkpoint folder")
+    return path
+
+
+def run_training(config: TrainConfig, resume: bool | str | Path = False) -> TrainResult:
+    """Train ``config`` end to end; every rank calls this (under torchrun, or alone)."""
+    config = config.resolved()
+    stage = get_stage(config.stage)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    rank, _, _ = parallel.init_distributed()
+    output = Path(config.output_dir)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(config.to_yaml())
+    parallel.barrier()
+    processor = build_processor(config, output)
+    model = build_model(config, processor)
+    trainable = prepare_model(model, config, stage)
+    logger.info(
+        "stage %s: %d trainable tensors, %d parameters",
+        stage.name,
+        len(trainable),
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    data = build_data(config, stage, processor, rank)
+    trainer = Trainer(config, model, data)
+    result = trainer.fit(resume_from=resolve_resume(config, resume))
+    _save_final(trainer, model, processor, output / FINAL_DIR, rank)
+    parallel.shutdown()
+    return result
+
+
+def _save_final(trainer: Trainer, model: torch.nn.Module, processor: Any, folder: Path, rank: int) -> None:
+    """Model + processor in the ``save_pretrained`` format (full weights gathered on sharded backends)."""
+    names = [name for name, _ in model.named_parameters()]
+    gathered = trainer.engine.full_state_dict(names)  # collective on FSDP / ZeRO-3
+    if rank == 0:
+        if any("lora_" in name for name in names):  # LoRA runs on ddp only: the module holds full weights
+            merge_lora(model).save_pretrained(str(folder))
+        else:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            state.update({k: v.detach().cpu() for k, v in gathered.items()})
+            model.save_pretrained(str(folder), state_dict=state)
+        processor.save_pretrained(str(folder))
+        logger.info("final model saved to %s", folder)
+    parallel.barrier()

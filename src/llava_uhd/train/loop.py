@@ -1,0 +1,334 @@
+"""The training loop: one loop for one process, DDP, FSDP and DeepSpeed (see :mod:`.parallel`).
+
+Each optimiser step takes a global batch of G samples (DESIGN.md section 7: 256 in stage 1, 128 in stage
+2) as A micro-batches on each of W ranks. The loss of a step is the mean over *every supervised token of
+the global batch*: each micro-batch contributes ``sum of its token losses * W / tokens in the global
+batch`` (the token count is summed over ranks before the first backward), and the engines sum
+micro-batches and average ranks. So a step's gradient does not depend on how the batch is split, and a
+2-process run follows a 1-process run with the same global batch up to float summation order.
+
+Dimensions: B micro-batch, T text length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llava_uhd.errors import ConfigError
+from llava_uhd.train import parallel
+from llava_uhd.train.batches import BatchGeometry, StepLoader, epoch_order, rank_steps
+from llava_uhd.train.checkpointing import (
+    MODEL_FILE,
+    CheckpointIO,
+    TrainerState,
+    check_compatible,
+    restore_rng,
+)
+from llava_uhd.train.config import TrainConfig
+from llava_uhd.train.metrics import MetricsLogger
+from llava_uhd.train.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of positions without loss (prompt, image placeholders, padding)
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "piece_grids")
+
+
+@dataclass
+class TrainData:
+    """What the loop needs from the data side (built by :mod:`llava_uhd.train.entry`)."""
+
+    dataset: Any
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    lengths: Sequence[int] | None = None  # for length grouping; None = plain shuffle
+    eval_dataset: Any | None = None
+    skipped: Callable[[], int] = field(default=lambda: 0)  # samples skipped so far (all workers)
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    last_loss: float
+    eval_loss: float | None
+    checkpoint: Path | None
+    history: list[dict[str, Any]]
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies and the number of supervised tokens.
+
+    logits (B, T, V) predict position t+1 from position t, so labels are shifted by one as in every causal LM.
+    """
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+    shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    total = nn.functional.cross_entropy(
+        shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total, (shift_labels != IGNORE_INDEX).sum()
+
+
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+class Trainer:
+    """Runs one :class:`TrainConfig` over a model whose trainable parameters the stage already chose."""
+
+    def __init__(self, config: TrainConfig, model: nn.Module, data: TrainData) -> None:
+        self.config = config.resolved()
+        self.module = model
+        self.data = data
+        self.rank, self.world_size, self.device = parallel.init_distributed()
+        assert self.config.global_batch_size is not None
+        self.geometry = BatchGeometry(
+            self.config.global_batch_size, self.config.micro_batch_size, self.world_size
+        )
+        self.steps_per_epoch = self.geometry.steps_per_epoch(len(data.dataset))
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"{len(data.dataset)} samples cannot fill one global batch of "
+                f"{self.geometry.global_batch_size}; lower global_batch_size"
+            )
+        total = self.steps_per_epoch * self.config.epochs
+        self.total_steps = min(total, self.config.max_steps) if self.config.max_steps else total
+        self.trainable_names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        self.output_dir = Path(self.config.output_dir)
+        self.io = CheckpointIO(
+            self.output_dir, self.rank, self.world_size, parallel.barrier, self.config.keep_last
+        )
+        self.autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"
+        )
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _build_engine(self) -> parallel.Engine:
+        cfg, optim = self.config, self.config.optim
+        assert optim.lr is not None
+
+        def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+            return build_optimizer(module, optim.lr, optim.weight_decay, optim.betas, optim.eps)
+
+        self.module.to(self.device)
+        if cfg.backend == "fsdp":
+            if self.world_size < 2:
+                raise ConfigError("backend fsdp needs torchrun with 2 or more processes")
+            return parallel.FSDPEngine(self.module, make_optimizer, optim.max_grad_norm)
+        if cfg.backend == "deepspeed":
+            assert cfg.deepspeed_config is not None
+            ds = parallel.deepspeed_config(
+                cfg.deepspeed_config,
+                cfg.micro_batch_size,
+                self.geometry.accumulation,
+                self.world_size,
+                optim.max_grad_norm,
+                cfg.mixed_precision,
+            )
+            return parallel.DeepSpeedEngine(self.module, make_optimizer(self.module), ds)
+        return parallel.Engine(
+            self.module,
+            make_optimizer(self.module),
+            optim.max_grad_norm,
+            self.world_size,
+            cfg.find_unused_parameters,
+        )
+
+    def _write_model(self, engine: parallel.Engine) -> Callable[[Path], None]:
+        def write(folder: Path) -> None:
+            weights = engine.full_state_dict(self.trainable_names)  # collective on sharded backends
+            if self.rank == 0:
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(folder / MODEL_FILE)
+                )
+
+        return write
+
+    def _write_optimizer(self, engine: parallel.Engine, scheduler: Any) -> Callable[[Path], None]:
+        def write(folder: Path) -> None:
+            engine.save(folder, self.rank)
+            if self.rank == 0:
+                torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+
+        return write
+
+    def load_trainable(self, folder: Path) -> None:
+        """Load a checkpoint's trainable weights into the (unwrapped) model."""
+        weights = load_file(str(folder / MODEL_FILE))
+        missing = sorted(set(self.trainable_names) - set(weights))
+        if missing:
+            raise ConfigError(
+                f"{folder}: checkpoint lacks trainable weights {missing[:5]} (of {len(missing)})"
+            )
+        self.module.load_state_dict(weights, strict=False)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(self, resume_from: Path | None = None) -> TrainResult:
+        """Train to the end of the schedule (or ``max_steps``), checkpointing as configured."""
+        cfg = self.config
+        state = TrainerState(
+            0,
+            0,
+            0,
+            0,
+            self.world_size,
+            self.geometry.global_batch_size,
+            cfg.micro_batch_size,
+            self.total_steps,
+        )
+        rng_state = None
+        if resume_from is not None:
+            state = self.io.load_state(resume_from)
+            check_compatible(state, self.geometry.global_batch_size, cfg.micro_batch_size, resume_from)
+            self.load_trainable(resume_from)
+            rng_state = self.io.load_rng(resume_from)
+        engine = self.engine = self._build_engine()
+        scheduler = build_scheduler(
+            engine.base_optimizer, cfg.optim.schedule, self.total_steps, cfg.optim.warmup_ratio
+        )
+        if resume_from is not None:
+            engine.load(resume_from, self.rank)
+            scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
+            restore_rng(rng_state)
+            logger.info("resumed from %s at step %d", resume_from, state.global_step)
+        metrics = MetricsLogger(
+            self.output_dir, self.total_steps, state.global_step, self.rank == 0, cfg.tensorboard
+        )
+        metrics.reset_clock(state.samples_seen)
+        config_yaml = cfg.to_yaml()
+        history: list[dict[str, Any]] = []
+        last_loss, eval_loss, checkpoint = math.nan, None, None
+        engine.model.train()
+        try:
+            while state.global_step < self.total_steps:
+                loader = self._epoch_loader(state.epoch, state.step_in_epoch)
+                for step_in_epoch, micro_batches in loader:
+                    last_loss, grad_norm = self._step(engine, micro_batches)
+                    scheduler.step()
+                    done = step_in_epoch + 1
+                    epoch_over = done == self.steps_per_epoch
+                    state = TrainerState(
+                        state.global_step + 1,
+                        state.epoch + epoch_over,
+                        0 if epoch_over else done,
+                        state.samples_seen + self.geometry.global_batch_size,
+                        self.world_size,
+                        self.geometry.global_batch_size,
+                        cfg.micro_batch_size,
+                        self.total_steps,
+                    )
+                    step = state.global_step
+                    if step % cfg.log_every == 0 or step == self.total_steps:
+                        record = metrics.log(
+                            step,
+                            state.samples_seen,
+                            loss=last_loss,
+                            lr=scheduler.get_last_lr()[0],
+                            grad_norm=grad_norm,
+                            epoch=state.epoch,
+                            skipped=self.data.skipped(),
+                        )
+                        history.append(record)
+                    metrics.advance()
+                    periodic_eval = cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps
+                    if periodic_eval and self.data.eval_dataset is not None:
+                        eval_loss = self._eval_and_log(engine, metrics, state)
+                    if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
+                        checkpoint = self._save(engine, scheduler, state, config_yaml)
+                    if step >= self.total_steps:
+                        break
+            eval_loss = (
+                self._eval_and_log(engine, metrics, state)
+                if self.data.eval_dataset is not None
+                else eval_loss
+            )
+            checkpoint = self._save(engine, scheduler, state, config_yaml)
+        finally:
+            metrics.close()
+        return TrainResult(state.global_step, last_loss, eval_loss, checkpoint, history)
+
+    def _epoch_loader(self, epoch: int, start_step: int) -> StepLoader:
+        if hasattr(self.data.dataset, "set_epoch"):
+            self.data.dataset.set_epoch(epoch)
+        order = epoch_order(
+            len(self.data.dataset),
+            self.config.seed,
+            epoch,
+            self.data.lengths,
+            self.geometry.global_batch_size,
+        )
+        steps = rank_steps(order, self.geometry, self.rank)
+        return StepLoader(
+            self.data.dataset,
+            self.data.collate,
+            steps,
+            start_step,
+            self.config.data.num_workers,
+            self.config.seed + epoch,
+        )
+
+    def _step(
+        self, engine: parallel.Engine, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> tuple[float, float | None]:
+        """One optimiser step over this rank's micro-batches; returns (global mean token loss, grad norm)."""
+        local_tokens = torch.tensor(float(sum(supervised_tokens(b) for b in micro_batches)))
+        global_tokens = max(float(parallel.all_reduce_sum(local_tokens)), 1.0)
+        loss_sum = torch.zeros(())
+        for i, batch in enumerate(micro_batches):
+            batch = _to_device(batch, self.device)
+            with engine.no_sync(i == len(micro_batches) - 1), self.autocast:
+                logits = engine.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+                summed, _ = token_loss_sum(logits, batch["labels"])
+            engine.backward(summed * self.world_size / global_tokens)
+            loss_sum += summed.detach().float().cpu()
+        grad_norm = engine.step()
+        return float(parallel.all_reduce_sum(loss_sum)) / global_tokens, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, engine: parallel.Engine) -> float:
+        """Mean token loss over the eval set (micro-batches split round-robin over ranks)."""
+        dataset = self.data.eval_dataset
+        m = self.config.micro_batch_size
+        batches = [list(range(s, min(s + m, len(dataset)))) for s in range(0, len(dataset), m)]
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches[self.rank :: self.world_size],
+            collate_fn=self.data.collate,
+            num_workers=self.config.data.num_workers,
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+        engine.model.eval()
+        totals = torch.zeros(2)
+        for batch in loader:
+            batch = _to_device(batch, self.device)
+            with self.autocast:
+                logits = engine.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+                summed, count = token_loss_sum(logits, batch["labels"])
+            totals += torch.stack([summed.float().cpu(), count.float().cpu()])
+        engine.model.train()
+        totals = parallel.all_reduce_sum(totals)
+        return float(totals[0] / totals[1].clamp_min(1.0))
+
+    def _eval_and_log(self, engine: parallel.Engine, metrics: MetricsLogger, state: TrainerState) -> float:
+        loss = self.evaluate(engine)
+        metrics.log(state.global_step, state.samples_seen, eval_loss=loss)
+        metrics.reset_clock(state.samples_seen)
+        return loss
+
+    def _save(self, engine: parallel.Engine, scheduler: Any, state: TrainerState, config_yaml: str) -> Path:
+        return self.io.save(
+            state, config_yaml, self._write_model(engine), self._write_optimizer(engine, scheduler)
+        )

@@ -1,0 +1,229 @@
+"""Scale-out engines: one process, DDP (``torchrun``), FSDP and DeepSpeed ZeRO behind one small interface.
+
+The loop calls ``backward(loss, sync)``, ``step()`` and the state hooks; each engine decides how gradients
+are reduced and how its state is saved. Built on ``torch.distributed`` directly: accelerate (1.15) silently
+falls back to DDP for DeepSpeed on CPU and reports one process per rank, so DeepSpeed is driven through
+``deepspeed.initialize`` here. The loss handed to ``backward`` is already normalised for the whole global
+batch (see :mod:`llava_uhd.train.loop`), so every engine must *sum* micro-batches and *average* ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llava_uhd.errors import ConfigError
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the ``torchrun`` process group if there is one; return (rank, world size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world_size, device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks (identity in one process)."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def shutdown() -> None:
+    """Leave the process group (ranks otherwise abort at exit now and then under DeepSpeed)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class Engine:
+    """One process or DDP: gradients of non-final micro-batches stay local (``no_sync``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: float | None,
+        world_size: int,
+        find_unused_parameters: bool,
+    ) -> None:
+        self.module = model
+        self.optimizer = optimizer
+        self.base_optimizer = optimizer  # the torch optimizer the LR schedule drives
+        self.max_grad_norm = max_grad_norm
+        self.model: nn.Module = model
+        if world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                model, find_unused_parameters=find_unused_parameters
+            )
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        if sync or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float | None:
+        """Clip, update, clear gradients; return the pre-clip gradient norm (None when not clipping)."""
+        norm = None
+        if self.max_grad_norm is not None:
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=False))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def full_state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named parameters as full tensors (on rank 0 at least)."""
+        params = dict(self.module.named_parameters())
+        return {name: params[name].detach() for name in names}
+
+    def save(self, folder: Path, rank: int) -> None:
+        if rank == 0:
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load(self, folder: Path, rank: int) -> None:
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+
+
+class FSDPEngine(Engine):
+    """FSDP (``use_orig_params`` so frozen and trainable parameters share flat buffers); full states on save."""
+
+    def __init__(self, model: nn.Module, optimizer_factory: Any, max_grad_norm: float | None) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        self.max_grad_norm = max_grad_norm
+        self.module = model
+        self.model = FSDP(model, use_orig_params=True)
+        # the optimizer must see the FSDP-managed parameters, so it is built after wrapping
+        self.optimizer = optimizer_factory(self.model)
+        self.base_optimizer = self.optimizer
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if sync else self.model.no_sync()
+
+    def step(self) -> float | None:
+        norm = None
+        if self.max_grad_norm is not None:
+            norm = float(self.model.clip_grad_norm_(self.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def full_state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return {name: full[name] for name in names if name in full}
+
+    def save(self, folder: Path, rank: int) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if rank == 0:
+            torch.save(state, folder / "optimizer.pt")
+
+    def load(self, folder: Path, rank: int) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(folder / "optimizer.pt", weights_only=False)
+        set_optimizer_state_dict(
+            self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO via ``deepspeed.initialize``; it accumulates, clips and reduces by its JSON config."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> None:
+        import deepspeed
+
+        self.module = model
+        self.max_grad_norm = ds_config.get("gradient_clipping")
+        self.accumulation = int(ds_config["gradient_accumulation_steps"])
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.model = engine
+        self.optimizer = ds_optimizer
+        self.base_optimizer = optimizer  # ZeRO steps it with the lr our scheduler writes into its groups
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed knows the accumulation boundary itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps; our loss is already normalised per global batch.
+        self.model.backward(loss * self.accumulation)
+        self.model.step()  # an update only at the accumulation boundary
+
+    def step(self) -> float | None:
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def full_state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        params = dict(self.module.named_parameters())
+        wanted = [params[n] for n in names]
+        # ZeRO-3 partitions parameters: gather each one to read its full value (no-op for ZeRO-2)
+        with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None):
+            return {n: p.detach().clone() for n, p in zip(names, wanted, strict=True)}
+
+    def save(self, folder: Path, rank: int) -> None:
+        self.model.save_checkpoint(str(folder / "engine"), tag="state", save_latest=False)
+
+    def load(self, folder: Path, rank: int) -> None:
+        path, _ = self.model.load_checkpoint(str(folder / "engine"), tag="state", load_module_strict=False)
+        if path is None:
+            raise ConfigError(f"{folder}: DeepSpeed could not load its engine state")
+
+
+def deepspeed_config(
+    path: str,
+    micro_batch_size: int,
+    accumulation: int,
+    world_size: int,
+    max_grad_norm: float | None,
+    mixed_precision: str,
+) -> dict[str, Any]:
+    """Read a shipped ZeRO JSON and fill its ``"auto"`` fields from the training config."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such DeepSpeed config file")
+    config = json.loads(p.read_text())
+    filled = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch_size * accumulation * world_size,
+        "gradient_clipping": max_grad_norm if max_grad_norm is not None else 0.0,
+    }
+    for key, value in filled.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise ConfigError(f"{p}: {key} is {config[key]!r} but the training config implies {value!r}")
+    config.setdefault("bf16", {})["enabled"] = mixed_precision == "bf16"
+    return config

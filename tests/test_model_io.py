@@ -1,0 +1,133 @@
+"""Hugging Face conventions: config round trip, save/load, Auto classes, building from downloaded parts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from llava_uhd.config import OFFICIAL_V1, PAPER, TINY
+from llava_uhd.errors import CheckpointError
+from llava_uhd.model import LlavaUHDConfig, LlavaUHDForConditionalGeneration, build_from_pretrained_parts
+from llava_uhd.model.resampler import PerceiverResampler
+
+IMAGE_TOKEN_ID = 32000
+Q = TINY.resampler.num_queries
+
+
+def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    """One 3-piece image (2 slices of 8x4 patches + a 6x6 overview) inside a short text."""
+    generator = torch.Generator().manual_seed(seed)
+    grids = torch.tensor([[8, 4], [8, 4], [6, 6]])
+    ids = [1, 5, 6] + [IMAGE_TOKEN_ID] * Q + [29892] + [IMAGE_TOKEN_ID] * Q + [13] + [IMAGE_TOKEN_ID] * Q + [7, 8]
+    return {
+        "input_ids": torch.tensor([ids]),
+        "pixel_values": torch.randn(int(grids.prod(dim=1).sum()), 3 * 14 * 14, generator=generator),
+        "piece_grids": grids,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> LlavaUHDForConditionalGeneration:
+    torch.manual_seed(0)
+    return LlavaUHDForConditionalGeneration(LlavaUHDConfig.from_preset(TINY, image_token_id=IMAGE_TOKEN_ID)).eval()
+
+
+@pytest.mark.parametrize("preset", [TINY, PAPER, OFFICIAL_V1], ids=lambda p: p.name)
+def test_config_round_trips_the_typed_preset(preset, tmp_path) -> None:
+    text_config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    config = LlavaUHDConfig.from_preset(preset, text_config=text_config, image_token_id=7)
+    assert config.to_preset() == preset
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, LlavaUHDConfig) and loaded.model_type == "llava_uhd"
+    assert loaded.to_preset() == preset and loaded.image_token_id == 7
+    assert loaded.text_config.hidden_size == 64
+
+
+def test_state_dict_names(tiny_model) -> None:
+    keys = set(tiny_model.state_dict())
+    assert {"resampler.query", "resampler.pos_embed", "resampler.kv_proj.weight", "resampler.proj"} <= keys
+    assert "language_model.lm_head.weight" in keys
+    assert any(k.startswith("vision_tower.blocks.0.") for k in keys)
+
+
+def test_save_load_gives_identical_logits(tiny_model, tmp_path) -> None:
+    with torch.no_grad():
+        tiny_model.resampler.pos_embed.add_(0.5)  # a trained table must be loaded, not recomputed
+        expected = tiny_model(**_inputs()).logits
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llava_uhd"
+    for loader in (LlavaUHDForConditionalGeneration, AutoModelForImageTextToText, AutoModelForCausalLM):
+        loaded = loader.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, LlavaUHDForConditionalGeneration)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**_inputs()).logits, expected, rtol=0, atol=0)
+
+
+def test_load_in_bfloat16(tiny_model, tmp_path) -> None:
+    tiny_model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        logits = loaded(**_inputs()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_fresh_model_uses_released_resampler_init() -> None:
+    model = LlavaUHDForConditionalGeneration(LlavaUHDConfig.from_preset(TINY, image_token_id=IMAGE_TOKEN_ID))
+    resampler = model.resampler
+    assert isinstance(resampler, PerceiverResampler)
+    reference = PerceiverResampler(TINY.resampler, TINY.vision.hidden_size, 64)
+    torch.testing.assert_close(resampler.pos_embed, reference.pos_embed)  # the sin-cos table
+    assert torch.all(resampler.ln_q.weight == 1) and torch.all(resampler.attn.out_proj.bias == 0)
+
+
+def _tiny_parts(tmp_path):
+    torch.manual_seed(1)
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=112, patch_size=14)
+    )
+    llm = LlamaForCausalLM(
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=500)
+    )
+    clip.save_pretrained(tmp_path / "clip")
+    llm.save_pretrained(tmp_path / "llm")
+    return clip, llm
+
+
+def test_build_from_pretrained_parts(tmp_path) -> None:
+    clip, llm = _tiny_parts(tmp_path)
+    model = build_from_pretrained_parts(tmp_path / "clip", tmp_path / "llm", TINY, image_token_id=500)
+    for name, value in llm.state_dict().items():
+        torch.testing.assert_close(model.language_model.state_dict()[name], value, rtol=0, atol=0)
+    (clip_patch,) = (v for k, v in clip.state_dict().items() if k.endswith("embeddings.patch_embedding.weight"))
+    torch.testing.assert_close(model.vision_tower.patch_embed.weight, clip_patch, rtol=0, atol=0)
+    preset = model.config.to_preset()
+    assert preset.text.name_or_path == str(tmp_path / "llm") and preset.vision.hidden_size == 32
+    assert preset.resampler == TINY.resampler and preset.slicing == TINY.slicing
+    assert model.config.text_config.num_key_value_heads == 2
+    ids = [1, 5] + [500] * Q + [7]
+    grids = torch.tensor([[8, 8]])
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=torch.randn(64, 588), piece_grids=grids)
+    assert out.logits.shape == (1, len(ids), 500)
+
+
+def test_build_from_pretrained_parts_names_a_bad_folder(tmp_path) -> None:
+    _tiny_parts(tmp_path)
+    with pytest.raises(CheckpointError, match="nowhere"):
+        build_from_pretrained_parts(tmp_path / "nowhere", tmp_path / "llm", TINY)
