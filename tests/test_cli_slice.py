@@ -93,7 +93,15 @@ def test_bad_out_path(photo: Path, tmp_path: Path, capsys) -> None:
 
 def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "llava_uhd.cli", "slice", str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o.png")],
+        [
+            sys.executable,
+            "-m",
+            "llava_uhd.cli",
+            "slice",
+            str(tmp_path / "nope.jpg"),
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
         capture_output=True,
         text=True,
         check=False,

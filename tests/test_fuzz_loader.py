@@ -13,6 +13,9 @@ from PIL import Image
 from llava_uhd.errors import ImageLoadError
 from llava_uhd.images import load_image, probe_image_size
 
+# Corrupt files make Pillow warn (e.g. "Corrupt EXIF data") before it raises; the warnings are expected.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 # Small enough that a mutated header claiming a huge size is refused instead of decoded slowly.
 FUZZ_MAX_PIXELS = 1_000_000
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")

@@ -166,7 +166,9 @@ def test_exif_orientation_applied_exactly(orientation: int, fmt: str) -> None:
 
 def test_exif_orientation_jpeg_and_probe_without_decoding() -> None:
     noise = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
-    stored = Image.fromarray(noise // 4 + 190)  # light noise keeps the JPEG big enough to cut after its header
+    stored = Image.fromarray(
+        noise // 4 + 190
+    )  # light noise keeps the JPEG big enough to cut after its header
     stored.paste((255, 0, 0), (0, 0, 16, 16))  # red block in the stored top-left corner
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6  # displayed rotated 90 degrees clockwise: red goes to the top-right

@@ -58,7 +58,9 @@ def sample(tokenizer, prompt: str, sizes: list[tuple[int, int]], answer: str = "
         ids += more
         grids += g
     prompt_ids = ids + tokenizer.encode(prompt, add_special_tokens=False)
-    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + ([tokenizer.eos_token_id] if answer else [])
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + (
+        [tokenizer.eos_token_id] if answer else []
+    )
     return {"ids": prompt_ids + answer_ids, "prompt_len": len(prompt_ids), "grids": grids}
 
 
@@ -201,7 +203,10 @@ def test_left_padded_batch_generates_like_each_sample_alone(tokenizer) -> None:
         if pieces:
             grids = batch["piece_grids"][piece_rows : piece_rows + pieces]
             rows = int(grids.prod(dim=1).sum())
-            alone |= {"pixel_values": batch["pixel_values"][pixel_rows : pixel_rows + rows], "piece_grids": grids}
+            alone |= {
+                "pixel_values": batch["pixel_values"][pixel_rows : pixel_rows + rows],
+                "piece_grids": grids,
+            }
             piece_rows, pixel_rows = piece_rows + pieces, pixel_rows + rows
         assert torch.equal(model.generate(**alone, **GREEDY)[0, -6:], together[row]), row
 
@@ -210,8 +215,11 @@ def test_beam_search_expands_pieces_per_row(tokenizer) -> None:
     model = make_model(tokenizer)
     batch = _generation_batch(tokenizer)
     ids, kwargs = model._expand_inputs_for_generation(
-        expand_size=3, input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-        piece_grids=batch["piece_grids"], attention_mask=batch["attention_mask"],
+        expand_size=3,
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        piece_grids=batch["piece_grids"],
+        attention_mask=batch["attention_mask"],
     )
     grids, pixels = batch["piece_grids"], batch["pixel_values"]
     first, second = grids[:7], grids[7:]  # row 0 has 7 pieces, row 1 has 3 + 1, row 2 none

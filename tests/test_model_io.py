@@ -29,7 +29,15 @@ def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
     """One 3-piece image (2 slices of 8x4 patches + a 6x6 overview) inside a short text."""
     generator = torch.Generator().manual_seed(seed)
     grids = torch.tensor([[8, 4], [8, 4], [6, 6]])
-    ids = [1, 5, 6] + [IMAGE_TOKEN_ID] * Q + [29892] + [IMAGE_TOKEN_ID] * Q + [13] + [IMAGE_TOKEN_ID] * Q + [7, 8]
+    ids = (
+        [1, 5, 6]
+        + [IMAGE_TOKEN_ID] * Q
+        + [29892]
+        + [IMAGE_TOKEN_ID] * Q
+        + [13]
+        + [IMAGE_TOKEN_ID] * Q
+        + [7, 8]
+    )
     return {
         "input_ids": torch.tensor([ids]),
         "pixel_values": torch.randn(int(grids.prod(dim=1).sum()), 3 * 14 * 14, generator=generator),
@@ -40,7 +48,9 @@ def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny_model() -> LlavaUHDForConditionalGeneration:
     torch.manual_seed(0)
-    return LlavaUHDForConditionalGeneration(LlavaUHDConfig.from_preset(TINY, image_token_id=IMAGE_TOKEN_ID)).eval()
+    return LlavaUHDForConditionalGeneration(
+        LlavaUHDConfig.from_preset(TINY, image_token_id=IMAGE_TOKEN_ID)
+    ).eval()
 
 
 @pytest.mark.parametrize("preset", [TINY, PAPER, OFFICIAL_V1], ids=lambda p: p.name)
@@ -97,12 +107,24 @@ def test_fresh_model_uses_released_resampler_init() -> None:
 def _tiny_parts(tmp_path):
     torch.manual_seed(1)
     clip = CLIPVisionModel(
-        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=112, patch_size=14)
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=112,
+            patch_size=14,
+        )
     )
     llm = LlamaForCausalLM(
-        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=500)
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=500,
+        )
     )
     clip.save_pretrained(tmp_path / "clip")
     llm.save_pretrained(tmp_path / "llm")
@@ -114,7 +136,9 @@ def test_build_from_pretrained_parts(tmp_path) -> None:
     model = build_from_pretrained_parts(tmp_path / "clip", tmp_path / "llm", TINY, image_token_id=500)
     for name, value in llm.state_dict().items():
         torch.testing.assert_close(model.language_model.state_dict()[name], value, rtol=0, atol=0)
-    (clip_patch,) = (v for k, v in clip.state_dict().items() if k.endswith("embeddings.patch_embedding.weight"))
+    (clip_patch,) = (
+        v for k, v in clip.state_dict().items() if k.endswith("embeddings.patch_embedding.weight")
+    )
     torch.testing.assert_close(model.vision_tower.patch_embed.weight, clip_patch, rtol=0, atol=0)
     preset = model.config.to_preset()
     assert preset.text.name_or_path == str(tmp_path / "llm") and preset.vision.hidden_size == 32
@@ -131,3 +155,39 @@ def test_build_from_pretrained_parts_names_a_bad_folder(tmp_path) -> None:
     _tiny_parts(tmp_path)
     with pytest.raises(CheckpointError, match="nowhere"):
         build_from_pretrained_parts(tmp_path / "nowhere", tmp_path / "llm", TINY)
+
+
+def test_processor_and_model_save_and_load_together(bpe_tokenizer, tmp_path) -> None:
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from llava_uhd.auto import load_pretrained, save_pretrained
+    from llava_uhd.processing import LlavaUHDProcessor
+
+    tokenizer = bpe_tokenizer.__class__.from_pretrained(_saved(bpe_tokenizer, tmp_path / "tok"))
+    processor = LlavaUHDProcessor(tokenizer, TINY, padding_side="left")
+    text = {**TINY.text.config, "vocab_size": processor.image_token_id}  # <image> stays out of the vocab
+    config = LlavaUHDConfig.from_preset(
+        TINY.with_overrides(text={"config": text}), image_token_id=processor.image_token_id
+    )
+    torch.manual_seed(0)
+    model = LlavaUHDForConditionalGeneration(config).eval()
+    images = [Image.new("RGB", (300, 200), (200, 30, 30)), Image.new("RGB", (90, 120), (20, 20, 220))]
+    batch = processor(["<image> What is it?", "Two: <image> and"], [[images[0]], [images[1]]])
+    assert batch["piece_grids"].shape[0] > 2  # the first image is sliced
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_pretrained(tmp_path / "saved", model, processor)
+    loaded, loaded_processor = load_pretrained(tmp_path / "saved")
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path / "saved"), LlavaUHDProcessor)
+    again = loaded_processor(["<image> What is it?", "Two: <image> and"], [[images[0]], [images[1]]])
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**again).logits, expected, rtol=0, atol=0)
+    out = loaded.generate(**again, max_new_tokens=3, num_beams=3, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 3)
+
+
+def _saved(tokenizer, folder) -> str:
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)

@@ -14,8 +14,9 @@ from PIL import Image, ImageDraw
 
 from llava_uhd.config import TINY, SlicingConfig
 from llava_uhd.errors import ConfigError, PlaceholderMismatchError, TokenBudgetError
+from llava_uhd.images import load_image
 from llava_uhd.layout import visual_token_count
-from llava_uhd.pixels import image_patches, patches_to_piece
+from llava_uhd.pixels import draft_size, image_patches, patches_to_piece
 from llava_uhd.processing import (
     PRESET_FILE,
     LlavaUHDProcessor,
@@ -81,7 +82,9 @@ def test_exact_pixels_match_an_independent_pil_numpy_computation(processor: Llav
     assert out["pieces_per_image"].tolist() == [plan.num_slices + 1]
     pixels = out["pixel_values"].numpy()
     offset = 0
-    for (rows, cols), expected in zip(out["piece_grids"].tolist(), _reference_pieces(image, TINY.slicing), strict=True):
+    for (rows, cols), expected in zip(
+        out["piece_grids"].tolist(), _reference_pieces(image, TINY.slicing), strict=True
+    ):
         piece = _unflatten(pixels[offset : offset + rows * cols], rows, cols)
         np.testing.assert_allclose(piece, expected, atol=1e-5)
         offset += rows * cols
@@ -133,12 +136,27 @@ def test_jpeg_bytes_are_decoded_at_a_draft_scale_and_stay_close(llama_tokenizer)
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=95)
     data = buffer.getvalue()
-    fast = LlavaUHDProcessor(llama_tokenizer, "paper").process_images([data])
-    exact = LlavaUHDProcessor(llama_tokenizer, "paper", resize_mode="exact").process_images([data])
-    assert fast.plans == exact.plans and fast.pixel_values.shape == exact.pixel_values.shape
+    plan = plan_slices(1600, 1200, TINY.slicing)
+    assert load_image(data, draft_size=draft_size(plan)).size == (800, 600)  # decoded at DCT scale 1/2
+    fast = LlavaUHDProcessor(llama_tokenizer, TINY).process_images([data])
+    exact = LlavaUHDProcessor(llama_tokenizer, TINY, resize_mode="exact").process_images([data])
+    assert fast.plans == exact.plans == (plan,)
+    assert fast.pixel_values.shape == exact.pixel_values.shape
     std = torch.tensor(SlicingConfig().image_std).repeat_interleave(P * P)
     levels = ((fast.pixel_values - exact.pixel_values) * std * 255).abs()
-    assert levels.mean() < 3.0, levels.mean()
+    assert levels.mean() < 1.5, levels.mean()
+
+
+def test_pre_resize_is_planned_and_applied(llama_tokenizer) -> None:
+    preset = TINY.with_overrides(slicing={"pre_resize_long_side": 448})
+    image = scene(900, 500, seed=4)
+    fast = LlavaUHDProcessor(llama_tokenizer, preset).process_images([image])
+    exact = LlavaUHDProcessor(llama_tokenizer, preset, resize_mode="exact").process_images([image])
+    assert fast.plans[0].pre_resized == (448, 248)
+    std = torch.tensor(SlicingConfig().image_std).repeat_interleave(P * P)
+    assert ((fast.pixel_values - exact.pixel_values) * std * 255).abs().mean() < 1.5
+    with pytest.raises(ConfigError, match="resize_mode must be one of"):
+        LlavaUHDProcessor(llama_tokenizer, preset, resize_mode="slow")  # type: ignore[arg-type]
 
 
 # --- text ---------------------------------------------------------------------------------------------
@@ -148,7 +166,9 @@ def test_separator_ids_llama(llama_tokenizer) -> None:
     ids = separator_token_ids(llama_tokenizer)
     assert llama_tokenizer.convert_ids_to_tokens(list(ids[","])) == [","]
     assert llama_tokenizer.convert_ids_to_tokens(list(ids["\n"])) == ["<0x0A>"]
-    assert llama_tokenizer.convert_ids_to_tokens(llama_tokenizer.encode(",", add_special_tokens=False)) != [","]
+    assert llama_tokenizer.convert_ids_to_tokens(llama_tokenizer.encode(",", add_special_tokens=False)) != [
+        ","
+    ]
 
 
 def test_separator_ids_other_tokenizers(qwen_tokenizer, bpe_tokenizer) -> None:
@@ -170,7 +190,9 @@ def test_expansion_layout_counts_and_separators(processor: LlavaUHDProcessor, ll
     assert len(ids) == len(prefix) - 1 + visual_token_count(plan, Q)
     assert ids[:start] == prefix[:start] and ids[start + len(visual) :] == prefix[start + 1 :]
     assert visual.count(processor.image_token_id) == (plan.num_slices + 1) * Q
-    tokens = llama_tokenizer.convert_ids_to_tokens([visual[(i + 1) * (Q + 1) - 1] for i in range(plan.num_slices)])
+    tokens = llama_tokenizer.convert_ids_to_tokens(
+        [visual[(i + 1) * (Q + 1) - 1] for i in range(plan.num_slices)]
+    )
     assert tokens == [",", ",", "<0x0A>", ",", ",", "<0x0A>"]
     assert visual[-Q:] == [processor.image_token_id] * Q  # the overview closes the layout
 
@@ -193,7 +215,9 @@ def test_image_count_mismatch_names_both_counts(processor: LlavaUHDProcessor) ->
     image = scene(64, 64)
     with pytest.raises(PlaceholderMismatchError, match=r"has 2 <image> placeholder\(s\) but 1 image\(s\)"):
         processor("<image> and <image>", [image])
-    with pytest.raises(PlaceholderMismatchError, match=r"prompt 1 has 0 <image> placeholder\(s\) but 1 image"):
+    with pytest.raises(
+        PlaceholderMismatchError, match=r"prompt 1 has 0 <image> placeholder\(s\) but 1 image"
+    ):
         processor(["<image>", "none"], [[image], [image]])
 
 
@@ -235,9 +259,13 @@ def test_budget_never_exceeded_and_larger_images_keep_higher_limits(sizes, budge
     config = TINY.slicing
     seps = {",": 1, "\n": 1}
     try:
-        limits = budget_slice_limits(sizes, config, num_queries=Q, max_visual_tokens=budget, separator_lengths=seps)
+        limits = budget_slice_limits(
+            sizes, config, num_queries=Q, max_visual_tokens=budget, separator_lengths=seps
+        )
     except TokenBudgetError as exc:
-        overview_only = sum(visual_token_count(plan_slices(w, h, replace(config, max_slices=1)), Q) for w, h in sizes)
+        overview_only = sum(
+            visual_token_count(plan_slices(w, h, replace(config, max_slices=1)), Q) for w, h in sizes
+        )
         assert overview_only > budget
         assert f"max_visual_tokens={budget}" in str(exc)
         return

@@ -205,6 +205,27 @@ def test_bfloat16_runs_and_pools_in_float32():
     assert out.dtype == torch.bfloat16 and out.shape == (1, 144, EMBED_DIM)
 
 
+def test_half_precision_rounds_window_edges_like_the_released_code():
+    """In bfloat16 the released code's boxes pass through bfloat16 (25/12 = 2.0833 becomes 2.078125)."""
+    model = _resampler()
+    maps = torch.randn(1, 25, 22, 8).to(torch.bfloat16)
+    rows, cols = window_bounds(25, 22, 12)
+    assert rows[1, 0].item() != rows[1, 0].to(torch.bfloat16).item()  # the rounding does move this edge
+    boxes = torch.tensor(
+        [
+            [0.0, cols[j, 0].item(), rows[i, 0].item(), cols[j, 1].item(), rows[i, 1].item()]
+            for i in range(12)
+            for j in range(12)
+        ]
+    )
+    rounded = torch.cat([boxes[:, :1], boxes[:, 1:].to(torch.bfloat16).float()], dim=1)
+    channels_first = maps.permute(0, 3, 1, 2)
+    expected = roi_align_torch(channels_first, rounded, pooled_size(25, 22)).flatten(2).transpose(1, 2)
+    unrounded = roi_align_torch(channels_first, boxes, pooled_size(25, 22)).flatten(2).transpose(1, 2)
+    pooled = model.pool_windows(maps)[0]
+    assert torch.equal(pooled, expected) and not torch.equal(pooled, unrounded)
+
+
 def test_gradients_reach_every_parameter():
     model = _resampler().train()
     features, piece_grids = _features([(12, 24), (24, 24)])

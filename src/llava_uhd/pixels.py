@@ -27,6 +27,7 @@ Dimensions: H, W image height and width; C channels; P patch side; Pt patches.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from llava_uhd.config import SlicingConfig
-from llava_uhd.errors import ImageSizeError
+from llava_uhd.errors import ConfigError, ImageSizeError
 from llava_uhd.slicing import Size, SlicePlan, apply_plan
 
 ResizeMode = Literal["fast", "exact"]
@@ -121,10 +122,20 @@ class PatchWriter:
         self._take(1, 1, piece).copy_(self._tiles(normalised, 1, 1, piece))
 
 
+def draft_size(plan: SlicePlan) -> tuple[int, int]:
+    """The (width, height) a JPEG may be DCT-decoded down to for ``plan``: its largest piece image times
+    ``REDUCING_GAP``, so the antialiased bicubic resize that follows still downscales >= 2x."""
+    largest = plan.refine_size or plan.overview
+    return math.ceil(largest.width * REDUCING_GAP), math.ceil(largest.height * REDUCING_GAP)
+
+
 def _pil_to_hwc(image: Image.Image) -> torch.Tensor:
-    """(H, W, C) uint8 tensor sharing nothing with the PIL image (one copy)."""
+    """(H, W, C) uint8 tensor over one copy of the PIL image's pixels (read-only: never written to)."""
     width, height = image.size
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, _CHANNELS)
+    with warnings.catch_warnings():  # torch warns that bytes are immutable; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(image.tobytes(), dtype=torch.uint8)
+    return flat.view(height, width, _CHANNELS)
 
 
 def _resize_hwc(hwc: torch.Tensor, size: Size) -> torch.Tensor:
@@ -180,7 +191,7 @@ def image_patches(
     copy with the same aspect ratio, e.g. a JPEG decoded at a reduced DCT scale).
     """
     if mode not in RESIZE_MODES:
-        raise ImageSizeError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+        raise ConfigError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     if len(images) != len(plans):
         raise ImageSizeError(f"got {len(images)} images but {len(plans)} plans")
     writer = PatchWriter(sum(plan.vit_patches for plan in plans), config)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llava_uhd.commands._common import add_preset_arguments, preset_from_args
 from llava_uhd.config import Preset
-from llava_uhd.errors import LlavaUHDError
+from llava_uhd.errors import ImageSizeError, LlavaUHDError, PlanLimitError
 from llava_uhd.images import ImageSource, describe_source, load_image
 from llava_uhd.layout import layout_string, visual_token_count
 from llava_uhd.slicing import SlicePlan, plan_slices
@@ -46,8 +46,11 @@ def write_slice_picture(source: ImageSource, out: Path, preset: Preset, name: st
     if not out.parent.is_dir():
         raise LlavaUHDError(f"--out {out}: folder {out.parent} does not exist")
     image = load_image(source, max_pixels=preset.slicing.max_image_pixels)
-    plan = plan_slices(image.width, image.height, preset.slicing)
     label = name or describe_source(source)
+    try:
+        plan = plan_slices(image.width, image.height, preset.slicing)
+    except (ImageSizeError, PlanLimitError) as exc:  # name the input, as the loader's errors do
+        raise type(exc)(f"{describe_source(source)}: {exc}") from None
     picture = render_plan(image, plan, preset.resampler.num_queries, title=label)
     try:
         picture.save(out, "PNG")

@@ -57,9 +57,13 @@ def build_from_pretrained_parts(
             f"{preset.slicing.patch_size}"
         )
     extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    language_model = AutoModelForCausalLM.from_pretrained(str(lm_folder), local_files_only=True, dtype=dtype, **extra)
+    language_model = AutoModelForCausalLM.from_pretrained(
+        str(lm_folder), local_files_only=True, dtype=dtype, **extra
+    )
     built = replace(preset, vision=vision, text=TextConfig(name_or_path=str(lm_folder)))
-    config = LlavaUHDConfig.from_preset(built, text_config=language_model.config, image_token_id=image_token_id)
+    config = LlavaUHDConfig.from_preset(
+        built, text_config=language_model.config, image_token_id=image_token_id
+    )
     model = LlavaUHDForConditionalGeneration(config, language_model=language_model)
     report = load_clip_vision(model.vision_tower, clip_folder)  # strict: raises naming missing keys
     logger.info("vision tower from %s: %s", clip_folder, report.summary())

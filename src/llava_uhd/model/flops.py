@@ -185,7 +185,9 @@ def uhd_flops(preset: Preset, plan: SlicePlan, text_tokens: int) -> dict[str, in
     grids = plan.piece_grids
     vit = sum(vit_piece_flops(vision, g.rows, g.cols) for g in grids)
     resampler = sum(
-        resampler_piece_flops(preset.resampler.num_queries, g.rows * g.cols, vision.hidden_size, dims.hidden_size)
+        resampler_piece_flops(
+            preset.resampler.num_queries, g.rows * g.cols, vision.hidden_size, dims.hidden_size
+        )
         for g in grids
     )
     tokens = visual_token_count(plan, preset.resampler.num_queries) + text_tokens

@@ -160,7 +160,9 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 f"the images give {num_features} features ({features.shape[0]} pieces x {features.shape[1]} queries)"
             )
         # Placeholders and pieces come in the same order (docs/INTERFACES.md): one ordered scatter.
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        return embeds.masked_scatter(
+            image_mask.unsqueeze(-1), features.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        )
 
     def _placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         token = self.config.image_token_id
@@ -195,7 +197,9 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 raise ConfigError("forward needs input_ids or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, piece_grids)
         elif pixel_values is not None:
-            raise ConfigError("give pixel_values with input_ids (placeholders are found by id), not with inputs_embeds")
+            raise ConfigError(
+                "give pixel_values with input_ids (placeholders are found by id), not with inputs_embeds"
+            )
         lm_kwargs = {self._lm_cache_name: past} if past is not None else {}
         return self.language_model(
             inputs_embeds=inputs_embeds,
@@ -220,7 +224,9 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         """The LM's step inputs; images only on the prefill step (later steps reuse the KV cache)."""
         kwargs.pop("pieces_per_image", None)
-        inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
+        )
         if is_first_iteration or not kwargs.get("use_cache", True):
             inputs["pixel_values"] = pixel_values
             inputs["piece_grids"] = piece_grids
@@ -244,7 +250,10 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 input_ids, visual["pixel_values"], visual["piece_grids"], expand_size
             )
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+            expand_size=expand_size,
+            is_encoder_decoder=is_encoder_decoder,
+            input_ids=input_ids,
+            **model_kwargs,
         )
         model_kwargs.update({k: v for k, v in visual.items() if v is not None and k != "pieces_per_image"})
         return input_ids, model_kwargs

@@ -93,6 +93,9 @@ class WindowedResampler(PerceiverResampler):
         """
         batch, rows, cols, dim = maps.shape
         row_bounds, col_bounds = window_bounds(rows, cols, self.grid_side)
+        # The released code casts its float32 boxes to the features' dtype before RoIAlign (which then runs
+        # in float32), so in half precision its window edges are rounded to that dtype; so are ours.
+        row_bounds, col_bounds = (b.to(maps.dtype).to(torch.float32) for b in (row_bounds, col_bounds))
         pooled_h, pooled_w = pooled_size(rows, cols)
         channels_first = maps.permute(0, 3, 1, 2)  # (B, D, R, C)
         pooled = roi_align_grid(

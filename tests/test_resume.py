@@ -1,0 +1,150 @@
+"""Exact resume: a run SIGKILLed at a random step and resumed ends bitwise equal to an uninterrupted run.
+
+Also the checkpoint mechanics: atomic folders, keep-last-K, the stored state and config, RNG round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llava_uhd.train.checkpointing import (
+    CheckpointError,
+    CheckpointIO,
+    TrainerState,
+    capture_rng,
+    latest_checkpoint,
+    list_checkpoints,
+    restore_rng,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "train" / "debug-cpu.yaml"
+# 16 synthetic samples, global batch 2: 8 optimiser steps, a checkpoint after each
+RUN = ["--set", "global_batch_size=2", "--set", "micro_batch_size=1", "--set", "save_every=1",
+       "--set", "data.synthetic_eval_samples=0", "--set", "deterministic=true"]
+TOTAL_STEPS = 8
+POLL_S = 0.05
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "llava_uhd.cli", "train", "--config", str(DEBUG), "--set", f"output_dir={out}", *RUN,
+            *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _logged_steps(out: Path) -> int:
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    return sum(1 for line in metrics.read_text().splitlines() if line.strip())
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    done = subprocess.run(_cmd(straight), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    kill_after = random.Random().randint(2, TOTAL_STEPS - 2)  # a random step, printed on failure
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while _logged_steps(killed) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at step {kill_after}"
+    assert not (killed / "final").exists()
+    assert latest_checkpoint(killed) is not None
+
+    resumed = subprocess.run(_cmd(killed, "--resume"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                             timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"trained {TOTAL_STEPS} steps" in resumed.stdout
+
+    a, b = _final_weights(straight), _final_weights(killed)
+    assert sorted(a) == sorted(b)
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"killed after step {kill_after}: {different} differ"
+    # the per-step losses after the resume point are the same floats too
+    losses = [json.loads(line)["loss"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    resumed_losses = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in resumed_losses}
+    assert [by_step[s] for s in range(1, TOTAL_STEPS + 1)] == losses
+    assert len(list_checkpoints(killed)) == 2  # keep_last in the debug config
+
+
+def _io(tmp_path: Path, keep_last: int = 2) -> CheckpointIO:
+    return CheckpointIO(tmp_path, rank=0, world_size=1, barrier=lambda: None, keep_last=keep_last)
+
+
+def _state(step: int) -> TrainerState:
+    return TrainerState(global_step=step, epoch=0, step_in_epoch=step, samples_seen=4 * step, world_size=1,
+                        global_batch_size=4, micro_batch_size=2, total_steps=10)
+
+
+def _save(io: CheckpointIO, step: int, write_model=lambda folder: (folder / "model.safetensors").write_text("w")):
+    return io.save(_state(step), "stage: stage1\n", write_model, lambda folder: None)
+
+
+def test_checkpoints_keep_the_last_k_and_hold_state_and_config(tmp_path: Path) -> None:
+    io = _io(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        _save(io, step)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step-000002", "step-000003"]
+    latest = latest_checkpoint(tmp_path)
+    assert io.load_state(latest) == _state(3)
+    assert (latest / "config.yaml").read_text() == "stage: stage1\n"
+    assert (latest / "rng" / "rank0.pt").is_file()
+
+
+def test_a_save_killed_midway_leaves_no_checkpoint_and_is_cleaned_up(tmp_path: Path) -> None:
+    io = _io(tmp_path)
+    _save(io, 1)
+
+    def crash(folder: Path) -> None:
+        raise KeyboardInterrupt  # stands in for a kill while writing the weights
+
+    with pytest.raises(KeyboardInterrupt):
+        _save(io, 2, write_model=crash)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    assert (tmp_path / "checkpoints" / ".tmp-step-000002").is_dir()
+    _save(io, 2)  # the next save replaces the leftover temp folder
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+    assert not (tmp_path / "checkpoints" / ".tmp-step-000002").exists()
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
+    _save(_io(tmp_path), 1)
+    other = CheckpointIO(tmp_path, rank=0, world_size=2, barrier=lambda: None, keep_last=2)
+    with pytest.raises(CheckpointError, match="saved with 1 processes, resuming with 2"):
+        other.load_state(latest_checkpoint(tmp_path))
+
+
+def test_rng_states_round_trip() -> None:
+    import numpy as np
+
+    state = capture_rng()
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    restore_rng(state)
+    assert random.random() == expected[0]
+    assert float(np.random.rand()) == expected[1]
+    assert torch.equal(torch.rand(3), expected[2])
