@@ -68,7 +68,12 @@ def prompt(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     ids = torch.cat([torch.tensor([row] * batch), text], dim=1)
     grids = torch.tensor([[g.rows, g.cols] for g in plan.piece_grids] * batch)
     pixels = torch.randn(int(grids.prod(dim=1).sum()), 3 * SMALL.vision.patch_size**2, generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "piece_grids": grids}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels,
+        "piece_grids": grids,
+    }
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -87,10 +92,15 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="do not rewrite benchmarks/README.md")
     args = parser.parse_args(argv)
 
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be >= 2 (prefill is timed with 1), got {args.new_tokens}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -116,13 +126,23 @@ def main(argv: list[str] | None = None) -> int:
                 "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device),
             }
             assert run(multimodal, args.new_tokens, False).shape == (batch, length + args.new_tokens)
-            for name, inputs, lm_only in (("LLaVA-UHD", multimodal, False), ("LM alone (text prompt)", text_only, True)):
+            for name, inputs, lm_only in (
+                ("LLaVA-UHD", multimodal, False),
+                ("LM alone (text prompt)", text_only, True),
+            ):
                 prefill = timed(lambda inputs=inputs, lm_only=lm_only: run(inputs, 1, lm_only), args.repeats)
-                total = timed(lambda inputs=inputs, lm_only=lm_only: run(inputs, args.new_tokens, lm_only), args.repeats)
-                decode_rate = batch * (args.new_tokens - 1) / max(total - prefill, 1e-9)
+                total = timed(
+                    lambda inputs=inputs, lm_only=lm_only: run(inputs, args.new_tokens, lm_only), args.repeats
+                )
+                decode_s = total - prefill  # may be <= 0 when timing noise exceeds the decode time
+                decode_rate = batch * (args.new_tokens - 1) / decode_s if decode_s > 0 else float("nan")
                 rows.append((batch, name, length, prefill, decode_rate, batch * args.new_tokens / total))
 
-    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})"
+    where = (
+        torch.cuda.get_device_name()
+        if cuda
+        else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})"
+    )
     pieces = len(plan_slices(*IMAGE_SIZE, SMALL.slicing).pieces)
     lines = [
         f"{params / 1e6:.1f}M-parameter model (ViT {SMALL.vision.hidden_size}x{SMALL.vision.num_layers}, "
@@ -138,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        command = "python benchmarks/generate.py" + (
-            f" --new-tokens {args.new_tokens}" if args.new_tokens != 32 else ""
-        )
+        options = [f"--new-tokens {args.new_tokens}"] if args.new_tokens != 32 else []
+        options += [f"--threads {args.threads}"] if args.threads else []
+        command = " ".join(["python benchmarks/generate.py", *options])
         write_section(f"Command: `{command}`\n\n{table}\n")
     return 0
 

@@ -32,11 +32,28 @@ def _env() -> dict[str, str]:
 
 
 def _train(out: Path, nproc: int, extra: list[str] = ()) -> tuple[list[float], dict[str, torch.Tensor]]:
-    args = ["-m", "llava_uhd.cli", "train", "--config", str(DEBUG), "--set", f"output_dir={out}", *COMMON, *extra]
+    args = [
+        "-m",
+        "llava_uhd.cli",
+        "train",
+        "--config",
+        str(DEBUG),
+        "--set",
+        f"output_dir={out}",
+        *COMMON,
+        *extra,
+    ]
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *args,
+        ]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

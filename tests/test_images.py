@@ -183,6 +183,17 @@ def test_exif_orientation_jpeg_and_probe_without_decoding() -> None:
         load_image(truncated)
 
 
+def test_pil_input_is_transposed_as_a_copy() -> None:
+    stored = _pattern(6, 4)
+    stored.getexif()[EXIF_ORIENTATION] = 8
+    loaded = load_image(stored)
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(stored.transpose(Image.Transpose.ROTATE_90)))
+    assert (
+        stored.size == (6, 4) and stored.getexif()[EXIF_ORIENTATION] == 8
+    )  # the caller's image is untouched
+    assert probe_image_size(stored) == (4, 6)
+
+
 def test_jpeg_draft_decodes_at_reduced_scale() -> None:
     data = _encode(Image.new("RGB", (800, 600), (0, 128, 255)), "JPEG")
     assert load_image(data).size == (800, 600)

@@ -6,6 +6,8 @@ tokenizer, pieces packed in batch order), so these tests do not depend on the pr
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -14,6 +16,16 @@ from llava_uhd.errors import PlaceholderMismatchError
 from llava_uhd.model.configuration import LlavaUHDConfig
 from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
 from llava_uhd.slicing import plan_slices
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread; on the shared 2-core box two threads spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 IMAGE_TOKEN = "<image>"
 PATCH_VALUES = 3 * TINY.vision.patch_size**2
@@ -24,7 +36,7 @@ WIDE, PAIR, SMALL = (336, 224), (224, 112), (100, 80)
 
 @pytest.fixture(scope="module")
 def tokenizer(bpe_tokenizer):
-    tok = bpe_tokenizer
+    tok = copy.deepcopy(bpe_tokenizer)  # the session fixture stays without <image>
     vocab_before = len(tok)
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})

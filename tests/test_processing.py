@@ -144,7 +144,7 @@ def test_jpeg_bytes_are_decoded_at_a_draft_scale_and_stay_close(llama_tokenizer)
     assert fast.pixel_values.shape == exact.pixel_values.shape
     std = torch.tensor(SlicingConfig().image_std).repeat_interleave(P * P)
     levels = ((fast.pixel_values - exact.pixel_values) * std * 255).abs()
-    assert levels.mean() < 1.5, levels.mean()
+    assert levels.mean() < 2.0, levels.mean()  # 1.44 measured on this noisy, hard-edged scene
 
 
 def test_pre_resize_is_planned_and_applied(llama_tokenizer) -> None:

@@ -31,15 +31,35 @@ from llava_uhd.train.checkpointing import (
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "train" / "debug-cpu.yaml"
 # 16 synthetic samples, global batch 2: 8 optimiser steps, a checkpoint after each
-RUN = ["--set", "global_batch_size=2", "--set", "micro_batch_size=1", "--set", "save_every=1",
-       "--set", "data.synthetic_eval_samples=0", "--set", "deterministic=true"]
+RUN = [
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "micro_batch_size=1",
+    "--set",
+    "save_every=1",
+    "--set",
+    "data.synthetic_eval_samples=0",
+    "--set",
+    "deterministic=true",
+]
 TOTAL_STEPS = 8
 POLL_S = 0.05
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "llava_uhd.cli", "train", "--config", str(DEBUG), "--set", f"output_dir={out}", *RUN,
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "llava_uhd.cli",
+        "train",
+        "--config",
+        str(DEBUG),
+        "--set",
+        f"output_dir={out}",
+        *RUN,
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -64,7 +84,9 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
 
     kill_after = random.Random().randint(2, TOTAL_STEPS - 2)  # a random step, printed on failure
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 180
     while _logged_steps(killed) < kill_after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(POLL_S)
@@ -74,8 +96,9 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
     assert not (killed / "final").exists()
     assert latest_checkpoint(killed) is not None
 
-    resumed = subprocess.run(_cmd(killed, "--resume"), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                             timeout=180)
+    resumed = subprocess.run(
+        _cmd(killed, "--resume"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"trained {TOTAL_STEPS} steps" in resumed.stdout
 
@@ -96,11 +119,21 @@ def _io(tmp_path: Path, keep_last: int = 2) -> CheckpointIO:
 
 
 def _state(step: int) -> TrainerState:
-    return TrainerState(global_step=step, epoch=0, step_in_epoch=step, samples_seen=4 * step, world_size=1,
-                        global_batch_size=4, micro_batch_size=2, total_steps=10)
+    return TrainerState(
+        global_step=step,
+        epoch=0,
+        step_in_epoch=step,
+        samples_seen=4 * step,
+        world_size=1,
+        global_batch_size=4,
+        micro_batch_size=2,
+        total_steps=10,
+    )
 
 
-def _save(io: CheckpointIO, step: int, write_model=lambda folder: (folder / "model.safetensors").write_text("w")):
+def _save(
+    io: CheckpointIO, step: int, write_model=lambda folder: (folder / "model.safetensors").write_text("w")
+):
     return io.save(_state(step), "stage: stage1\n", write_model, lambda folder: None)
 
 

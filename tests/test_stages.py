@@ -19,18 +19,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The resampler's parameters (DESIGN.md section 5; names follow the released checkpoint).
 RESAMPLER = {
-    f"resampler.{n}" for n in (
-        "query", "pos_embed", "kv_proj.weight", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
-        "attn.out_proj.bias", "ln_q.weight", "ln_q.bias", "ln_kv.weight", "ln_kv.bias", "ln_post.weight",
-        "ln_post.bias", "proj",
+    f"resampler.{n}"
+    for n in (
+        "query",
+        "pos_embed",
+        "kv_proj.weight",
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "ln_q.weight",
+        "ln_q.bias",
+        "ln_kv.weight",
+        "ln_kv.bias",
+        "ln_post.weight",
+        "ln_post.bias",
+        "proj",
     )
 }
-_LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
-          "post_attention_layernorm.weight")
+_LAYER = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+)
 # The tiny preset's 2-layer Llama, untied head.
 LANGUAGE = {f"language_model.model.layers.{i}.{n}" for i in range(2) for n in _LAYER} | {
-    "language_model.model.embed_tokens.weight", "language_model.model.norm.weight", "language_model.lm_head.weight"}
+    "language_model.model.embed_tokens.weight",
+    "language_model.model.norm.weight",
+    "language_model.lm_head.weight",
+}
 
 
 @pytest.fixture()
@@ -62,7 +85,9 @@ def test_train_vit_adds_exactly_the_vision_tower(model) -> None:
 def test_lora_trains_only_adapters_inside_the_llm(model) -> None:
     from peft import LoraConfig, get_peft_model
 
-    model.language_model = get_peft_model(model.language_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.language_model = get_peft_model(
+        model.language_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
     names = set(apply_stage(model, get_stage("stage2"), lora=True))
     llm = {n for n in names if n.startswith("language_model.")}
     assert names - llm == RESAMPLER
@@ -82,10 +107,19 @@ def test_no_weight_decay_on_norms_biases_queries_and_position_tables(model) -> N
     apply_stage(model, get_stage("stage2"), train_vit=True)
     groups = {g["weight_decay"]: set(g["names"]) for g in parameter_groups(model, weight_decay=0.1)}
     no_decay = groups[0.0]
-    assert {"resampler.query", "resampler.pos_embed", "resampler.attn.in_proj_bias", "resampler.ln_q.weight",
-            "language_model.model.norm.weight"} <= no_decay
-    assert {"resampler.kv_proj.weight", "resampler.proj", "resampler.attn.in_proj_weight",
-            "language_model.model.layers.0.self_attn.q_proj.weight"} <= groups[0.1]
+    assert {
+        "resampler.query",
+        "resampler.pos_embed",
+        "resampler.attn.in_proj_bias",
+        "resampler.ln_q.weight",
+        "language_model.model.norm.weight",
+    } <= no_decay
+    assert {
+        "resampler.kv_proj.weight",
+        "resampler.proj",
+        "resampler.attn.in_proj_weight",
+        "language_model.model.layers.0.self_attn.q_proj.weight",
+    } <= groups[0.1]
     assert not any("position" in n or "pos_embed" in n or "class_embedding" in n for n in groups[0.1])
     assert no_decay.isdisjoint(groups[0.1])
     assert no_decay | groups[0.1] == {n for n, p in model.named_parameters() if p.requires_grad}
@@ -120,20 +154,28 @@ def test_cosine_schedule_with_three_percent_warmup() -> None:
 def test_config_resolves_stage_defaults_and_overrides() -> None:
     config = TrainConfig(stage="stage2", output_dir="out").resolved()
     assert (config.optim.lr, config.global_batch_size) == (2e-5, 128)
-    data = apply_overrides({"stage": "stage1", "output_dir": "o"}, ["optim.lr=1e-4", "data.synthetic_samples=8",
-                                                                     "micro_batch_size=4"])
+    data = apply_overrides(
+        {"stage": "stage1", "output_dir": "o"},
+        ["optim.lr=1e-4", "data.synthetic_samples=8", "micro_batch_size=4"],
+    )
     config = TrainConfig.from_dict(data).resolved()
     assert (config.optim.lr, config.data.synthetic_samples, config.micro_batch_size) == (1e-4, 8, 4)
     assert config.accumulation_steps(world_size=2) == 256 // (4 * 2)
     assert TrainConfig.from_dict(config.to_dict()) == config
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"stage": "stage1", "output_dir": "o", "epochs": 0}, "epochs must be >= 1, got 0"),
-    ({"stage": "stage1", "output_dir": "o", "optim": {"lr": "fast"}}, "optim.lr must be a number, got 'fast'"),
-    ({"stage": "stage1", "output_dir": "o", "lr": 1}, r"unknown field\(s\) \['lr'\]"),
-    ({"stage": "stage1", "output_dir": "o", "backend": "deepspeed"}, "needs deepspeed_config"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"stage": "stage1", "output_dir": "o", "epochs": 0}, "epochs must be >= 1, got 0"),
+        (
+            {"stage": "stage1", "output_dir": "o", "optim": {"lr": "fast"}},
+            "optim.lr must be a number, got 'fast'",
+        ),
+        ({"stage": "stage1", "output_dir": "o", "lr": 1}, r"unknown field\(s\) \['lr'\]"),
+        ({"stage": "stage1", "output_dir": "o", "backend": "deepspeed"}, "needs deepspeed_config"),
+    ],
+)
 def test_bad_configs_name_the_value(bad, message) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_dict(bad)

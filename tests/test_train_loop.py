@@ -45,7 +45,9 @@ def test_stage2_starts_from_stage1_resampler_and_loads_for_inference(stage1: Pat
     from llava_uhd.synth.scenes import make_scene, render_scene
 
     stage1_resampler = load_file(str(stage1 / "checkpoints" / "step-000004" / "model.safetensors"))
-    config = _config(tmp_path, "stage=stage2", f"model.init_from={stage1}", "max_steps=2", "data.synthetic_eval_samples=0")
+    config = _config(
+        tmp_path, "stage=stage2", f"model.init_from={stage1}", "max_steps=2", "data.synthetic_eval_samples=0"
+    )
     result = run_training(config)
     assert result.global_step == 2
     model, processor = load_model_and_processor(tmp_path / "final")
@@ -79,7 +81,9 @@ def test_accumulation_matches_a_bigger_micro_batch(stage1: Path, tmp_path: Path)
 def test_token_loss_sum_matches_the_mean_loss_times_tokens() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[IGNORE_INDEX, 1, 2, IGNORE_INDEX, 3], [4, 5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
+    labels = torch.tensor(
+        [[IGNORE_INDEX, 1, 2, IGNORE_INDEX, 3], [4, 5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    )
     total, count = token_loss_sum(logits, labels)
     assert int(count) == 4  # shifted labels: 1, 2, 3 and 5
     mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))

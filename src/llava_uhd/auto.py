@@ -21,8 +21,18 @@ from llava_uhd.processing import PRESET_FILE, LlavaUHDProcessor
 
 # Loading options AutoProcessor adds for hub downloads; a saved processor folder is local and needs none.
 HUB_LOADING_OPTIONS = frozenset(
-    {"_from_auto", "_commit_hash", "revision", "cache_dir", "token", "local_files_only", "trust_remote_code",
-     "subfolder", "force_download", "proxies"}
+    {
+        "_from_auto",
+        "_commit_hash",
+        "revision",
+        "cache_dir",
+        "token",
+        "local_files_only",
+        "trust_remote_code",
+        "subfolder",
+        "force_download",
+        "proxies",
+    }
 )
 
 
@@ -86,7 +96,9 @@ def check_compatible(model: LlavaUHDForConditionalGeneration, processor: LlavaUH
         )
     preset = config.to_preset()
     if processor.num_queries != model.num_queries:
-        raise ConfigError(f"processor writes {processor.num_queries} tokens per piece, the model makes {model.num_queries}")
+        raise ConfigError(
+            f"processor writes {processor.num_queries} tokens per piece, the model makes {model.num_queries}"
+        )
     if processor.slicing.patch_size != preset.vision.patch_size:
         raise ConfigError(
             f"processor patch size {processor.slicing.patch_size} differs from the ViT's {preset.vision.patch_size}"

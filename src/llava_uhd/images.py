@@ -189,10 +189,10 @@ def load_image(
     Args:
         source: a path, encoded bytes, a PIL image or a numpy array (see the module docstring).
         max_pixels: refuse images with more pixels than this (checked from the header, before decoding).
-        draft_size: optional (width, height), in upright orientation, that the caller will resize down
-            to. JPEG sources are then decoded at a reduced DCT scale (1/2, 1/4 or 1/8) that still covers
-            it, which is several times faster for large photos; the result is smaller than the header
-            size. Other formats ignore it. Leave it None for a full-resolution decode.
+        draft_size: optional (width, height), in upright orientation: the smallest size the caller
+            needs. JPEG sources are then decoded at the largest DCT reduction (1/2, 1/4 or 1/8) that
+            still covers it, several times faster for large photos; the result is then smaller than the
+            header size. Other formats ignore it. None (default) decodes at full resolution.
 
     Raises:
         ImageLoadError: with the input and the reason, for every bad input.

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import AddedToken, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from llava_uhd.config import Preset, SlicingConfig, get_preset
 from llava_uhd.errors import ConfigError, PlaceholderMismatchError, TokenBudgetError
 from llava_uhd.images import ImageSource, load_image, probe_image_size
 from llava_uhd.layout import layout_segments, visual_token_count
-from llava_uhd.pixels import RESIZE_MODES, ResizeMode, image_patches
+from llava_uhd.pixels import RESIZE_MODES, ResizeMode, draft_size, image_patches
 from llava_uhd.slicing import SlicePlan, plan_slices
 
 IMAGE_TOKEN = "<image>"
@@ -282,37 +283,52 @@ class LlavaUHDProcessor:
             separator_lengths=self.separator_lengths,
         )
 
+    def load_and_plan(
+        self,
+        images: Sequence[ImageSource],
+        max_slices: int | None = None,
+        max_visual_tokens: int | None = None,
+    ) -> tuple[list[Image.Image], list[SlicePlan]]:
+        """Decode and plan the images of one request (the token budget is shared across them).
+
+        In fast mode, encoded sources are planned from their header and then decoded at the JPEG DCT
+        scale the plan allows (:func:`llava_uhd.pixels.draft_size`).
+        """
+        budget = self.max_visual_tokens if max_visual_tokens is None else max_visual_tokens
+        limit = self.slicing.max_image_pixels
+        decoded: list[Image.Image | None] = [None] * len(images)
+        sizes: list[tuple[int, int]] = []
+        for i, source in enumerate(images):
+            if isinstance(source, _ENCODED_SOURCES) and self.resize_mode == "fast":
+                sizes.append(probe_image_size(source, max_pixels=limit))
+            else:
+                image = load_image(source, max_pixels=limit)
+                decoded[i] = image
+                sizes.append(image.size)
+        plans = self.plan_images(sizes, max_slices=max_slices, max_visual_tokens=budget)
+        loaded = [
+            image if image is not None else load_image(source, max_pixels=limit, draft_size=draft_size(plan))
+            for image, source, plan in zip(decoded, images, plans, strict=True)
+        ]
+        return loaded, plans
+
+    def encode(self, images: Sequence[Image.Image], plans: Sequence[SlicePlan]) -> ImageBatch:
+        """Pixels of decoded images and their plans, all in one preallocated buffer."""
+        return ImageBatch(
+            pixel_values=image_patches(images, plans, self.slicing, self.resize_mode),
+            piece_grids=_grids_tensor(plans),
+            pieces_per_image=torch.tensor([p.num_slices + 1 for p in plans], dtype=torch.long),
+            plans=tuple(plans),
+        )
+
     def process_images(
         self,
         images: Sequence[ImageSource],
         max_slices: int | None = None,
         max_visual_tokens: int | None = None,
     ) -> ImageBatch:
-        """Load, plan and encode images (one request: the budget is shared across them)."""
-        budget = self.max_visual_tokens if max_visual_tokens is None else max_visual_tokens
-        limit = self.slicing.max_image_pixels
-        decoded: list[Any] = [None] * len(images)
-        sizes: list[tuple[int, int]] = []
-        for i, source in enumerate(images):
-            if isinstance(source, _ENCODED_SOURCES) and self.resize_mode == "fast":
-                sizes.append(probe_image_size(source, max_pixels=limit))  # decode later, at a DCT draft scale
-            else:
-                decoded[i] = load_image(source, max_pixels=limit)
-                sizes.append(decoded[i].size)
-        plans = self.plan_images(sizes, max_slices=max_slices, max_visual_tokens=budget)
-        for i, plan in enumerate(plans):
-            if decoded[i] is None:
-                largest = plan.refine_size or plan.overview
-                decoded[i] = load_image(
-                    images[i], max_pixels=limit, draft_size=(largest.width, largest.height)
-                )
-        pixel_values = image_patches(decoded, plans, self.slicing, self.resize_mode)
-        return ImageBatch(
-            pixel_values=pixel_values,
-            piece_grids=_grids_tensor(plans),
-            pieces_per_image=torch.tensor([p.num_slices + 1 for p in plans], dtype=torch.long),
-            plans=tuple(plans),
-        )
+        """Load, plan and encode the images of one request (no text)."""
+        return self.encode(*self.load_and_plan(images, max_slices, max_visual_tokens))
 
     # ---- text + images ---------------------------------------------------------------------------
 
@@ -340,16 +356,17 @@ class LlavaUHDProcessor:
         side = self.padding_side if padding_side is None else padding_side
         _check_padding_side(side)
         rows: list[list[int]] = []
-        batches: list[ImageBatch] = []
+        all_images: list[Image.Image] = []
+        all_plans: list[SlicePlan] = []
         for sample_text, sample_images in zip(texts, per_sample, strict=True):
             ids = self.tokenizer.encode(sample_text, add_special_tokens=add_special_tokens)
-            plans: Sequence[SlicePlan] = ()
-            if sample_images:
-                batch = self.process_images(
-                    sample_images, max_slices=max_slices, max_visual_tokens=max_visual_tokens
-                )
-                batches.append(batch)
-                plans = batch.plans
+            loaded, plans = (
+                self.load_and_plan(sample_images, max_slices, max_visual_tokens)
+                if sample_images
+                else ([], [])
+            )
+            all_images.extend(loaded)
+            all_plans.extend(plans)
             expanded, _ = expand_image_tokens(
                 ids,
                 plans,
@@ -359,14 +376,13 @@ class LlavaUHDProcessor:
             )
             rows.append(expanded)
         data = self._pad(rows, side)
-        all_plans: tuple[SlicePlan, ...] = tuple(p for b in batches for p in b.plans)
-        if batches:
-            data["pixel_values"] = torch.cat([b.pixel_values for b in batches])
-            data["piece_grids"] = torch.cat([b.piece_grids for b in batches])
-            data["pieces_per_image"] = torch.cat([b.pieces_per_image for b in batches])
+        if all_plans:  # one buffer for the whole batch: no per-sample tensors to concatenate
+            batch = self.encode(all_images, all_plans)
+            data.update(pixel_values=batch.pixel_values, piece_grids=batch.piece_grids)
+            data["pieces_per_image"] = batch.pieces_per_image
         features = BatchFeature(data=data)
         if return_plans:
-            features.plans = all_plans
+            features.plans = tuple(all_plans)
         return features
 
     def _images_per_sample(self, texts: list[str], images: Any) -> list[list[ImageSource]]:

@@ -8,9 +8,10 @@ Pure Python, no torch: ``llava-uhd plan --flops`` calls it from the model config
   are linear in the token count and well under 1% at these sizes).
 - attention is counted over the full score matrix (T x T), what a dense causal kernel computes and what
   the flop counter reports; the LLM's causal mask could in principle skip half of it.
-- the ViT counts only the layers up to its feature layer (23 of 24 for layer -2): the released code and
-  ours stop there, and the baseline is counted the same way. Each piece is encoded on its own (the
-  packed encoder's block-diagonal mask means no cross-piece attention), the CLS token included.
+- the ViT counts only the layers up to its feature layer (23 of 24 for layer -2): our encoder stops
+  there (the released code runs the 24th and discards it); the baseline is counted the same way. Each
+  piece is encoded on its own (the packed encoder's block-diagonal mask means no cross-piece
+  attention), the CLS token included.
 - the LLM counts every position once (a prefill of the whole prompt), the LM head included.
 
 Dimensions: T tokens, L patches of a piece, Q resampler queries, Dv ViT width, D LLM width.
