@@ -221,7 +221,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     rows = measure(3 if args.quick else args.calls)
     body = table(rows, args.threads)
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/preprocess.py"
+    command = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/preprocess.py", *sys.argv[1:]])
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, Pillow {Image.__version__}"
     )
@@ -235,8 +235,8 @@ def main() -> None:
 NOTES = """How the fast path gets there (llava_uhd/pixels.py): a large source is first shrunk by an integer
 box `reduce()` while the remaining downscale stays >= 2x; the resizes use torch's uint8 antialiased
 bicubic kernel; the overview is resized from the refine image when that is >= 2x larger per side (the
-full source is read once, not twice); scale and normalise are one fused multiply-add written straight
-into the preallocated patch buffer. For JPEG input the decoder works at the DCT scale (1/2, 1/4, 1/8)
+full source is read once, not twice); scale and normalise are one multiply-add per value, in place in
+the preallocated patch buffer. For JPEG input the decoder works at the DCT scale (1/2, 1/4, 1/8)
 that still leaves a >= 2x downscale to the refine size. The `exact` mode keeps the released pipeline's
 pixels bit for bit (tests/test_processing.py checks it against transformers' CLIPImageProcessor).
 Differences of the fast path are in 8-bit levels over all patch values, on scenes with text and hard

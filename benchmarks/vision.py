@@ -21,6 +21,7 @@ reduced depth; with CUDA it is the full 24-layer tower in bf16.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import statistics
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     strategies = ["grouped", "block_mask"] + (
         ["varlen"] if model.layout(one).attend.strategy == "varlen" else []
     )
+    load_before = os.getloadavg()[0]
     with torch.inference_mode():
         model(one_pixels, one)  # warm-up: one-time allocations and kernel setup, outside every timing
         rows, outputs = [], []
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in strategies
         ]
 
+    load_after = os.getloadavg()[0]
     packed_s = rows[0][1]
     where = (
         torch.cuda.get_device_name()
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(IMAGE_SIZES)} images ({', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}), paper preset: "
         f"{pieces} pieces, {patches} patches. ViT width {config.hidden_size}, {config.num_heads} heads, "
         f"MLP {config.intermediate_size}, {layers} layers, {str(dtype).removeprefix('torch.')}, {where}; "
-        f"median of {args.repeats} runs.",
+        f"median of {args.repeats} runs; "
+        f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (other work shares the cores).",
         "",
         "| encoding | s / batch | pieces/s | packed speed-up |",
         "| --- | --- | --- | --- |",

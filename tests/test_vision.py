@@ -311,12 +311,14 @@ def test_block_diagonal_mask_exact_values():
         block_diagonal_mask(torch.tensor([2, 2]), torch.tensor([4]))
 
 
-def test_strategy_choice():
+def test_strategy_choice(monkeypatch):
     cpu, f32 = torch.device("cpu"), torch.float32
     assert choose_strategy([65, 65, 65], cpu, f32) == "grouped"  # one run: a dense batch, no mask
     assert choose_strategy([5, 6, 7, 8, 9, 10], cpu, f32) == "block_mask"  # few wasted pairs, many runs
     assert choose_strategy([577, 577, 401, 300], cpu, f32) == "grouped"  # mostly wasted pairs
-    assert choose_strategy([MAX_BLOCK_MASK_TOKENS // 2 + 1, 1, 2], cpu, f32) == "grouped"
+    monkeypatch.setattr(attention_module, "RUN_OVERHEAD_PAIRS", 10**12)  # calls made "expensive"
+    assert choose_strategy([600, 601], cpu, f32) == "block_mask"
+    assert choose_strategy([MAX_BLOCK_MASK_TOKENS // 2, MAX_BLOCK_MASK_TOKENS // 2 + 1], cpu, f32) == "grouped"
     with pytest.raises(ConfigError, match="'varlen' needs CUDA"):
         PackedAttention.build([3, 4], strategy="varlen")
     with pytest.raises(ConfigError, match=r"all non-empty; got lengths \[3, 0\]"):

@@ -39,10 +39,11 @@ STRATEGIES: tuple[str, ...] = ("auto", "block_mask", "grouped", "varlen")
 # A block mask over L tokens costs L^2 bytes; beyond this many tokens (64 MiB of mask) "auto" never builds
 # one. A batch of 8 sliced images is ~25k tokens: a 625 MB mask and ~50x the useful attention work.
 MAX_BLOCK_MASK_TOKENS = 8192
-# Measured on 2 CPU cores (benchmarks/vision.py): one extra SDPA call costs about as much as attending
-# 64x64 extra (query, key) pairs, so "auto" prefers the masked single call only when the wasted pairs are
-# fewer than this many per extra run.
-RUN_OVERHEAD_PAIRS = 64 * 64
+# One extra SDPA call costs roughly as much as attending this many wasted (query, key) pairs at ViT-L width
+# (16 heads of 64): on 2 CPU cores, 32 distinct lengths of 8-40 tokens ran 1.3x faster as one masked call
+# (17.6k wasted pairs per extra run), 4 lengths of 9-65 tokens 2.3x faster grouped (3.2k per extra run).
+# Real pieces (hundreds of patches) are always far beyond it, so "auto" groups them.
+RUN_OVERHEAD_PAIRS = 128 * 128
 
 VarlenKernel = Callable[..., torch.Tensor]
 
