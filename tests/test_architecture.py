@@ -14,7 +14,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llava_uhd"
 
 # top-level part -> parts of llava_uhd it must never import
 FORBIDDEN: dict[str, set[str]] = {
-    "config": {"slicing", "layout", "processing", "images", "model", "data", "train", "inference", "eval", "cli", "commands"},
+    "config": {
+        "slicing",
+        "layout",
+        "processing",
+        "images",
+        "model",
+        "data",
+        "train",
+        "inference",
+        "eval",
+        "cli",
+        "commands",
+    },
     "slicing": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
     "layout": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
     "images": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
@@ -74,10 +86,11 @@ def test_imports_flow_one_way(path):
     part = _part(path)
     forbidden = FORBIDDEN.get(part, set())
     bad = sorted(
-        name for name in _imports(path)
-        if name.startswith("llava_uhd.") and name.split(".")[1] in forbidden
+        name for name in _imports(path) if name.startswith("llava_uhd.") and name.split(".")[1] in forbidden
     )
     assert not bad, f"{path.relative_to(PACKAGE)} ({part}) must not import {bad}"
     if part in TORCH_FREE:
-        torchy = sorted(n for n in _imports(path) if n.split(".")[0] in {"torch", "torchvision", "transformers"})
+        torchy = sorted(
+            n for n in _imports(path) if n.split(".")[0] in {"torch", "torchvision", "transformers"}
+        )
         assert not torchy, f"{path.relative_to(PACKAGE)} must stay torch-free, imports {torchy}"

@@ -21,8 +21,16 @@ def test_presets_round_trip_through_yaml(name, tmp_path):
 
 def test_preset_facts():
     paper, official = PRESETS["paper"], PRESETS["official-v1"]
-    assert (paper.slicing.max_slices, paper.resampler.num_queries, paper.resampler.kind) == (6, 64, "perceiver")
-    assert (official.slicing.max_slices, official.resampler.num_queries, official.resampler.kind) == (7, 144, "windowed")
+    assert (paper.slicing.max_slices, paper.resampler.num_queries, paper.resampler.kind) == (
+        6,
+        64,
+        "perceiver",
+    )
+    assert (official.slicing.max_slices, official.resampler.num_queries, official.resampler.kind) == (
+        7,
+        144,
+        "windowed",
+    )
     assert paper.resampler.resolved_heads(5120) == 8
     assert official.resampler.resolved_heads(5120) == 40  # LLM hidden / 128 for 13B
     assert paper.vision.grid_side == 24 and paper.vision.feature_layer == -2

@@ -15,6 +15,7 @@ from llava_uhd.errors import ImageSizeError, PlanLimitError
 from llava_uhd.layout import visual_token_count
 from llava_uhd.slicing import Grid, Size, apply_plan, candidate_grids, plan_slices
 
+
 def reference_plan(W: int, H: int, S: int = 336, P: int = 14, M: int = 6, upscale: bool = True):
     """The released code's recipe, transcribed independently from DESIGN.md section 3.
 
@@ -128,7 +129,10 @@ def test_properties_over_random_sizes(w, h, slicing):
         # the chosen grid minimises the aspect error among the candidates
         n = min(math.ceil(w * h / 336**2), config.max_slices)
         err = abs(math.log(w / h) - math.log(plan.grid.cols / plan.grid.rows))
-        assert all(err <= abs(math.log(w / h) - math.log(g.cols / g.rows)) for g in candidate_grids(n, config.max_slices))
+        assert all(
+            err <= abs(math.log(w / h) - math.log(g.cols / g.rows))
+            for g in candidate_grids(n, config.max_slices)
+        )
         assert plan.separators.count("\n") == plan.grid.rows
     # token counts agree with the layout: N*(Q+1) + Q
     q = 64
@@ -201,7 +205,15 @@ def test_no_upscale_keeps_small_images():
 
 
 def test_candidate_grids_order():
-    assert candidate_grids(3, 6) == [Grid(2, 1), Grid(1, 2), Grid(3, 1), Grid(1, 3), Grid(4, 1), Grid(2, 2), Grid(1, 4)]
+    assert candidate_grids(3, 6) == [
+        Grid(2, 1),
+        Grid(1, 2),
+        Grid(3, 1),
+        Grid(1, 3),
+        Grid(4, 1),
+        Grid(2, 2),
+        Grid(1, 4),
+    ]
     assert candidate_grids(6, 6) == [Grid(5, 1), Grid(1, 5), Grid(6, 1), Grid(3, 2), Grid(2, 3), Grid(1, 6)]
 
 
@@ -224,4 +236,3 @@ def test_apply_plan_pre_resizes_and_checks_size():
     assert len(slices) == plan.num_slices and overview.size == tuple(plan.overview)
     with pytest.raises(ImageSizeError, match="plan was made for 474x474"):
         apply_plan(Image.new("RGB", (10, 10)), plan)
-

@@ -26,15 +26,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only``, just that subcommand's arguments are loaded."""
-    parser = argparse.ArgumentParser(prog="llava-uhd", description="LLaVA-UHD: any-aspect-ratio, high-resolution LMM")
+    parser = argparse.ArgumentParser(
+        prog="llava-uhd", description="LLaVA-UHD: any-aspect-ratio, high-resolution LMM"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         if only is not None and name != only:
             sub.add_parser(name, help=help_text)
             continue
         module = importlib.import_module(f"llava_uhd.commands.{module_name}")
-        sub_parser = sub.add_parser(name, help=help_text, description=module.__doc__,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub_parser = sub.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(sub_parser)
         sub_parser.set_defaults(_run=module.run)
     return parser

@@ -60,12 +60,18 @@ class SlicingConfig:
     image_std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.patch_size) and self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size!r}")
+        _check(
+            _is_int(self.patch_size) and self.patch_size >= 1,
+            f"patch_size must be >= 1, got {self.patch_size!r}",
+        )
         _check(
             _is_int(self.scale_resolution) and self.scale_resolution >= self.patch_size,
             f"scale_resolution must be an integer >= patch_size ({self.patch_size}), got {self.scale_resolution!r}",
         )
-        _check(_is_int(self.max_slices) and self.max_slices >= 1, f"max_slices must be >= 1, got {self.max_slices!r}")
+        _check(
+            _is_int(self.max_slices) and self.max_slices >= 1,
+            f"max_slices must be >= 1, got {self.max_slices!r}",
+        )
         _check(
             self.pre_resize_long_side is None
             or (_is_int(self.pre_resize_long_side) and self.pre_resize_long_side >= 1),
@@ -105,11 +111,19 @@ class VisionConfig:
     patch_bias: bool = False  # CLIP's patch embedding has no bias; SigLIP's does
 
     def __post_init__(self) -> None:
-        _check(self.hidden_size % self.num_heads == 0, f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
-        _check(self.image_size % self.patch_size == 0, f"vision image_size {self.image_size} not a multiple of patch_size {self.patch_size}")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}",
+        )
+        _check(
+            self.image_size % self.patch_size == 0,
+            f"vision image_size {self.image_size} not a multiple of patch_size {self.patch_size}",
+        )
         # indexes hidden states as transformers does: 0 is the embeddings, -1 the last layer's output
-        _check(-(self.num_layers + 1) <= self.feature_layer <= self.num_layers,
-               f"feature_layer {self.feature_layer} out of range for {self.num_layers} layers")
+        _check(
+            -(self.num_layers + 1) <= self.feature_layer <= self.num_layers,
+            f"feature_layer {self.feature_layer} out of range for {self.num_layers} layers",
+        )
 
     @property
     def grid_side(self) -> int:
@@ -133,10 +147,19 @@ class ResamplerConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("perceiver", "windowed"), f"resampler kind must be 'perceiver' or 'windowed', got {self.kind!r}")
+        _check(
+            self.kind in ("perceiver", "windowed"),
+            f"resampler kind must be 'perceiver' or 'windowed', got {self.kind!r}",
+        )
         side = math.isqrt(self.num_queries) if self.num_queries > 0 else 0
-        _check(side * side == self.num_queries and side > 0, f"num_queries must be a positive square, got {self.num_queries}")
-        _check(self.num_heads is None or self.num_heads >= 1, f"num_heads must be >= 1 or None, got {self.num_heads}")
+        _check(
+            side * side == self.num_queries and side > 0,
+            f"num_queries must be a positive square, got {self.num_queries}",
+        )
+        _check(
+            self.num_heads is None or self.num_heads >= 1,
+            f"num_heads must be >= 1 or None, got {self.num_heads}",
+        )
 
     @property
     def grid_side(self) -> int:
@@ -164,8 +187,10 @@ class TextConfig:
     config: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        _check(self.name_or_path is not None or self.config is not None,
-               "text model needs name_or_path or an inline config")
+        _check(
+            self.name_or_path is not None or self.config is not None,
+            "text model needs name_or_path or an inline config",
+        )
         if self.config is not None:
             _check("model_type" in self.config, "inline text config must contain 'model_type'")
             object.__setattr__(self, "config", dict(self.config))
@@ -183,9 +208,13 @@ class Preset:
     template: TemplateName = "vicuna_v1"
 
     def __post_init__(self) -> None:
-        _check(self.template in ("plain", "vicuna_v1", "chat_template"), f"unknown template {self.template!r}")
-        _check(self.vision.patch_size == self.slicing.patch_size,
-               f"vision patch_size {self.vision.patch_size} != slicing patch_size {self.slicing.patch_size}")
+        _check(
+            self.template in ("plain", "vicuna_v1", "chat_template"), f"unknown template {self.template!r}"
+        )
+        _check(
+            self.vision.patch_size == self.slicing.patch_size,
+            f"vision patch_size {self.vision.patch_size} != slicing patch_size {self.slicing.patch_size}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -243,7 +272,12 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-_SECTIONS = {"slicing": SlicingConfig, "vision": VisionConfig, "resampler": ResamplerConfig, "text": TextConfig}
+_SECTIONS = {
+    "slicing": SlicingConfig,
+    "vision": VisionConfig,
+    "resampler": ResamplerConfig,
+    "text": TextConfig,
+}
 
 
 def _from_plain(cls: type, data: Mapping[str, Any], where: str) -> Any:

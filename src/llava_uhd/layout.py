@@ -34,7 +34,9 @@ def layout_segments(plan: SlicePlan) -> tuple[Segment, ...]:
     return tuple(segments)
 
 
-def visual_token_count(plan: SlicePlan, num_queries: int, separator_lengths: Mapping[str, int] | None = None) -> int:
+def visual_token_count(
+    plan: SlicePlan, num_queries: int, separator_lengths: Mapping[str, int] | None = None
+) -> int:
     """LLM tokens one image takes: Q per piece plus the separators' tokens (1 each unless told otherwise)."""
     lengths = separator_lengths or {}
     return (plan.num_slices + 1) * num_queries + sum(lengths.get(s, 1) for s in plan.separators)
@@ -52,6 +54,8 @@ def layout_string(plan: SlicePlan, num_queries: int | None = None) -> str:
             parts.append(f"[s{seg.index + 1}]")
     line = " ".join(parts)
     if num_queries is not None:
-        line += f"  ({plan.num_slices + 1} pieces x {num_queries} tokens + {len(plan.separators)} separators = "
+        line += (
+            f"  ({plan.num_slices + 1} pieces x {num_queries} tokens + {len(plan.separators)} separators = "
+        )
         line += f"{visual_token_count(plan, num_queries)} tokens)"
     return line

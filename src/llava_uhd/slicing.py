@@ -99,7 +99,9 @@ class SlicePlan:
             return ()
         sw, sh = self.slice_size
         return tuple(
-            (c * sw, r * sh, (c + 1) * sw, (r + 1) * sh) for r in range(self.grid.rows) for c in range(self.grid.cols)
+            (c * sw, r * sh, (c + 1) * sw, (r + 1) * sh)
+            for r in range(self.grid.rows)
+            for c in range(self.grid.cols)
         )
 
 
@@ -204,7 +206,9 @@ def plan_slices(width: int, height: int, config: SlicingConfig | None = None) ->
     return plan
 
 
-def apply_plan(image: Image.Image, plan: SlicePlan, resample: int | None = None) -> tuple[list[Image.Image], Image.Image]:
+def apply_plan(
+    image: Image.Image, plan: SlicePlan, resample: int | None = None
+) -> tuple[list[Image.Image], Image.Image]:
     """Cut an RGB PIL image by ``plan``: returns (slices in row-major order, overview).
 
     One bicubic resize of the whole image to the refine size, then crops; one bicubic resize of the whole

@@ -10,12 +10,17 @@ from llava_uhd.config import Preset, get_preset
 
 def add_preset_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
     group = parser.add_argument_group("preset and slicing")
-    group.add_argument("--preset", default=default_preset, help="preset name (paper, official-v1, tiny) or a YAML file")
+    group.add_argument(
+        "--preset", default=default_preset, help="preset name (paper, official-v1, tiny) or a YAML file"
+    )
     group.add_argument("--max-slices", type=int, default=None, help="most slices per image (preset: 6 or 7)")
     group.add_argument("--scale-resolution", type=int, default=None, help="ViT pre-training side S (336)")
     group.add_argument("--patch-size", type=int, default=None, help="ViT patch side (14)")
     group.add_argument(
-        "--pre-resize-long-side", type=int, default=None, metavar="L",
+        "--pre-resize-long-side",
+        type=int,
+        default=None,
+        metavar="L",
         help="resize every image so its long side is L before slicing (the released evaluation uses 1024)",
     )
     group.add_argument("--no-upscale", action="store_true", help="do not upscale small unsliced images")
@@ -42,6 +47,7 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
     slicing = replace(preset.slicing, **overrides)
     vision = preset.vision
     if "patch_size" in overrides:  # the ViT must agree with the slicer on the patch size
-        vision = replace(vision, patch_size=slicing.patch_size,
-                         image_size=slicing.patch_size * vision.grid_side)
+        vision = replace(
+            vision, patch_size=slicing.patch_size, image_size=slicing.patch_size * vision.grid_side
+        )
     return replace(preset, slicing=slicing, vision=vision)

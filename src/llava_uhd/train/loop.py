@@ -126,7 +126,7 @@ class Trainer:
         if cfg.backend == "fsdp":
             if self.world_size < 2:
                 raise ConfigError("backend fsdp needs torchrun with 2 or more processes")
-            return parallel.FSDPEngine(self.module, make_optimizer, optim.max_grad_norm)
+            return parallel.FSDPEngine(self.module, make_optimizer, optim.max_grad_norm, self.device)
         if cfg.backend == "deepspeed":
             assert cfg.deepspeed_config is not None
             ds = parallel.deepspeed_config(

@@ -107,15 +107,50 @@ class Engine:
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
 
 
-class FSDPEngine(Engine):
-    """FSDP (``use_orig_params`` so frozen and trainable parameters share flat buffers); full states on save."""
+def fsdp_wrap_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """Module classes that become their own FSDP unit: the repeated blocks named by ``_no_split_modules``.
 
-    def __init__(self, model: nn.Module, optimizer_factory: Any, max_grad_norm: float | None) -> None:
+    The composed model names its ViT blocks and the resampler; the language model names its decoder layer.
+    One unit per block is what lets FSDP gather one layer at a time instead of the whole model.
+    """
+    wanted: set[str] = set()
+    for module in model.modules():
+        wanted.update(getattr(module, "_no_split_modules", None) or ())
+    classes = {type(m) for m in model.modules() if type(m).__name__ in wanted}
+    if not classes:
+        raise ConfigError(f"backend fsdp: none of the blocks {sorted(wanted)} occurs in the model")
+    return classes
+
+
+class FSDPEngine(Engine):
+    """FSDP with one unit per block; full (unsharded) model and optimizer states on save.
+
+    ``use_orig_params`` lets frozen and trainable parameters share a unit's flat buffer (stage 1 freezes
+    most of every block). ``device_id`` is given explicitly because FSDP otherwise refuses CPU-only
+    machines; on CPU the collectives run on gloo.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer_factory: Any,
+        max_grad_norm: float | None,
+        device: torch.device,
+    ) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         self.max_grad_norm = max_grad_norm
         self.module = model
-        self.model = FSDP(model, use_orig_params=True)
+        # Offloading full states to CPU is for GPU runs; with CPU parameters FSDP's "offload" frees the
+        # unsharded buffer that the returned tensors still view, and reading them segfaults (torch 2.13).
+        self.offload = device.type != "cpu"
+        self.model = FSDP(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy(fsdp_wrap_classes(model)),
+            use_orig_params=True,
+            device_id=device,
+        )
         # the optimizer must see the FSDP-managed parameters, so it is built after wrapping
         self.optimizer = optimizer_factory(self.model)
         self.base_optimizer = self.optimizer
@@ -135,7 +170,7 @@ class FSDPEngine(Engine):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=self.offload)
         )
         return {name: full[name] for name in names if name in full}
 
@@ -143,7 +178,7 @@ class FSDPEngine(Engine):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         state = get_optimizer_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=self.offload)
         )
         if rank == 0:
             torch.save(state, folder / "optimizer.pt")
