@@ -318,7 +318,9 @@ def test_strategy_choice(monkeypatch):
     assert choose_strategy([577, 577, 401, 300], cpu, f32) == "grouped"  # mostly wasted pairs
     monkeypatch.setattr(attention_module, "RUN_OVERHEAD_PAIRS", 10**12)  # calls made "expensive"
     assert choose_strategy([600, 601], cpu, f32) == "block_mask"
-    assert choose_strategy([MAX_BLOCK_MASK_TOKENS // 2, MAX_BLOCK_MASK_TOKENS // 2 + 1], cpu, f32) == "grouped"
+    assert (
+        choose_strategy([MAX_BLOCK_MASK_TOKENS // 2, MAX_BLOCK_MASK_TOKENS // 2 + 1], cpu, f32) == "grouped"
+    )
     with pytest.raises(ConfigError, match="'varlen' needs CUDA"):
         PackedAttention.build([3, 4], strategy="varlen")
     with pytest.raises(ConfigError, match=r"all non-empty; got lengths \[3, 0\]"):

@@ -102,10 +102,11 @@ def run(args: argparse.Namespace) -> int:
                 _add_flops(record, plan, preset, args.text_tokens)
         except LlavaUHDError as exc:
             failed = True
+            message = str(exc) if str(exc).startswith(item) else f"{item}: {exc}"  # name the item once
             if args.json:
-                out.write(json.dumps({"width": width, "height": height, "error": f"{item}: {exc}"}) + "\n")
+                out.write(json.dumps({"width": width, "height": height, "error": message}) + "\n")
             else:
-                print(f"llava-uhd plan: error: {item}: {exc}", file=sys.stderr)
+                print(f"llava-uhd plan: error: {message}", file=sys.stderr)
             continue
         out.write((json.dumps(record) if args.json else _describe(item, record, plan, preset)) + "\n")
     return 1 if failed else 0
