@@ -128,15 +128,12 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
 
 def _save_final(trainer: Trainer, model: torch.nn.Module, processor: Any, folder: Path, rank: int) -> None:
     """Model + processor in the ``save_pretrained`` format (full weights gathered on sharded backends)."""
-    names = [name for name, _ in model.named_parameters()]
-    gathered = trainer.engine.full_state_dict(names)  # collective on FSDP / ZeRO-3
+    gathered = trainer.engine.full_state_dict()  # collective on FSDP / ZeRO-3: every rank calls it
     if rank == 0:
-        if any("lora_" in name for name in names):  # LoRA runs on ddp only: the module holds full weights
+        if any("lora_" in name for name in gathered):  # LoRA runs on ddp only: the module holds full weights
             merge_lora(model).save_pretrained(str(folder))
         else:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            state.update({k: v.detach().cpu() for k, v in gathered.items()})
-            model.save_pretrained(str(folder), state_dict=state)
+            model.save_pretrained(str(folder), state_dict={k: v.cpu() for k, v in gathered.items()})
         processor.save_pretrained(str(folder))
         logger.info("final model saved to %s", folder)
     parallel.barrier()

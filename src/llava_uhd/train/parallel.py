@@ -94,10 +94,14 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def full_state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named parameters as full tensors (on rank 0 at least)."""
-        params = dict(self.module.named_parameters())
-        return {name: params[name].detach() for name in names}
+    def full_state_dict(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Full tensors (on rank 0 at least) of the named parameters, or of the whole state dict.
+
+        A collective on sharded backends: every rank must call it. ``None`` gives every parameter and
+        buffer under the unwrapped model's names (what ``save_pretrained`` writes).
+        """
+        state = self.module.state_dict()
+        return {k: v.detach() for k, v in state.items() if names is None or k in set(names)}
 
     def save(self, folder: Path, rank: int) -> None:
         if rank == 0:
@@ -166,12 +170,16 @@ class FSDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def full_state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        # Through the FSDP root on every rank: the inner units' state-dict hooks all-gather, so calling
+        # ``self.module.state_dict()`` on one rank alone would deadlock.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=self.offload)
         )
+        if names is None:
+            return full
         return {name: full[name] for name in names if name in full}
 
     def save(self, folder: Path, rank: int) -> None:
@@ -218,14 +226,16 @@ class DeepSpeedEngine(Engine):
         norm = self.model.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def full_state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         import deepspeed
 
         params = dict(self.module.named_parameters())
-        wanted = [params[n] for n in names]
+        wanted = list(params) if names is None else names
         # ZeRO-3 partitions parameters: gather each one to read its full value (no-op for ZeRO-2)
-        with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None):
-            return {n: p.detach().clone() for n, p in zip(names, wanted, strict=True)}
+        with deepspeed.zero.GatheredParameters([params[n] for n in wanted], modifier_rank=None):
+            if names is not None:
+                return {n: params[n].detach().clone() for n in names}
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def save(self, folder: Path, rank: int) -> None:
         self.model.save_checkpoint(str(folder / "engine"), tag="state", save_latest=False)
