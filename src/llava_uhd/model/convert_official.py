@@ -195,23 +195,8 @@ def map_state_dict(
     """
     key_map = released_key_map(model)
     targets = model.state_dict()
-    mapped: dict[str, str] = {}
-    unexpected: list[str] = []
-    ignored: list[str] = []
-    for key in state_dict:
-        if key in key_map:
-            mapped[key] = key_map[key]
-        elif _ignored(key):
-            ignored.append(key)
-        else:
-            unexpected.append(key)
-    filled = set(mapped.values())
-    report = LoadReport(
-        mapped=mapped,
-        missing=tuple(name for name in targets if name not in filled),
-        unexpected=tuple(unexpected),
-        ignored=tuple(ignored),
-    )
+    report = LoadReport.classify(state_dict, key_map, targets, _ignored)
+    mapped = report.mapped
     if report.missing or (report.unexpected and not allow_unexpected):
         raise CheckpointError(
             f"the released checkpoint does not fit the official-v1 model ({report.summary()}): "

@@ -15,7 +15,7 @@ it as ignored.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,33 @@ class LoadReport:
         return (
             f"{len(self.mapped)} mapped, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
             f"{len(self.ignored)} ignored"
+        )
+
+    @classmethod
+    def classify(
+        cls,
+        source_keys: Iterable[str],
+        key_map: Mapping[str, str],
+        targets: Iterable[str],
+        is_ignored: Callable[[str], bool],
+    ) -> LoadReport:
+        """Sort source keys into mapped / ignored / unexpected and find the targets nothing fills."""
+        mapped: dict[str, str] = {}
+        unexpected: list[str] = []
+        ignored: list[str] = []
+        for key in source_keys:
+            if key in key_map:
+                mapped[key] = key_map[key]
+            elif is_ignored(key):
+                ignored.append(key)
+            else:
+                unexpected.append(key)
+        filled = set(mapped.values())
+        return cls(
+            mapped=mapped,
+            missing=tuple(name for name in targets if name not in filled),
+            unexpected=tuple(unexpected),
+            ignored=tuple(ignored),
         )
 
 
@@ -167,23 +194,8 @@ def load_by_key_map(
         raise CheckpointError(
             f"key map targets {unknown_targets} are not parameters of {type(module).__name__}"
         )
-    mapped: dict[str, str] = {}
-    unexpected: list[str] = []
-    ignored: list[str] = []
-    for key in state_dict:
-        if key in key_map:
-            mapped[key] = key_map[key]
-        elif key.startswith(ignore):
-            ignored.append(key)
-        else:
-            unexpected.append(key)
-    filled = set(mapped.values())
-    report = LoadReport(
-        mapped=mapped,
-        missing=tuple(name for name in targets if name not in filled),
-        unexpected=tuple(unexpected),
-        ignored=tuple(ignored),
-    )
+    report = LoadReport.classify(state_dict, key_map, targets, lambda key: key.startswith(ignore))
+    mapped = report.mapped
     if strict and not report.complete:
         raise CheckpointError(
             f"{what} does not fit {type(module).__name__} ({report.summary()}): "
