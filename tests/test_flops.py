@@ -27,16 +27,6 @@ from llava_uhd.model.resampler import PerceiverResampler
 from llava_uhd.model.vision import VisionTransformer
 from llava_uhd.slicing import plan_slices
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on the shared 2-core box two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PATCH_VALUES = 3 * 14 * 14
 
 

@@ -17,16 +17,6 @@ from llava_uhd.model.configuration import LlavaUHDConfig
 from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
 from llava_uhd.slicing import plan_slices
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on the shared 2-core box two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 IMAGE_TOKEN = "<image>"
 PATCH_VALUES = 3 * TINY.vision.patch_size**2
 Q = TINY.resampler.num_queries

@@ -21,16 +21,6 @@ from llava_uhd.errors import CheckpointError
 from llava_uhd.model import LlavaUHDConfig, LlavaUHDForConditionalGeneration, build_from_pretrained_parts
 from llava_uhd.model.resampler import PerceiverResampler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on the shared 2-core box two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 IMAGE_TOKEN_ID = 32000
 Q = TINY.resampler.num_queries
 

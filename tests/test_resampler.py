@@ -13,16 +13,6 @@ from llava_uhd.config import TINY, ResamplerConfig
 from llava_uhd.errors import ConfigError
 from llava_uhd.model.resampler import PerceiverResampler, build_resampler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on the shared 2-core box two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 KV_DIM, EMBED_DIM = 24, 32
 MIXED_GRIDS = [(1, 1), (1, 20), (20, 1), (8, 8), (5, 7), (8, 8)]
 

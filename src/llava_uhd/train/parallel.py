@@ -200,12 +200,32 @@ class FSDPEngine(Engine):
         )
 
 
+# DeepSpeed's op name for its shared-memory CPU collectives (deepspeed/ops/op_builder/cpu/comm.py).
+DEEPSPEED_SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed on plain gloo collectives on CPU instead of JIT-compiling its shared-memory op.
+
+    On a CPU accelerator ``deepspeed.initialize`` builds ``deepspeed_shm_comm`` with ninja on first use:
+    about 40 s on 2 cores, done by every rank at once in the shared ``~/.cache/torch_extensions`` (rebuilt
+    whenever another install's flags differ, and left locked if a rank dies mid-build). It only speeds up
+    all-reduce between processes on one host, so CPU runs lose nothing by skipping it. DeepSpeed builds an
+    op only when its ``deepspeed.ops.__compatible_ops__`` entry is true; this sets that entry to false.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[DEEPSPEED_SHM_OP] = False
+
+
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO via ``deepspeed.initialize``; it accumulates, clips and reduces by its JSON config."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> None:
         import deepspeed
 
+        if next(model.parameters()).device.type == "cpu":
+            skip_deepspeed_shm_op()
         self.module = model
         self.max_grad_norm = ds_config.get("gradient_clipping")
         self.accumulation = int(ds_config["gradient_accumulation_steps"])
