@@ -81,3 +81,24 @@ def test_console_script_runs_without_a_traceback(tmp_path):
 def test_many_items_one_line_each(capsys, items):
     code, records, _ = run_plan(capsys, *items)
     assert code == 0 and len(records) == len(items)
+
+
+def test_image_files_are_checked_not_just_their_headers(capsys, tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "good.jpg"
+    image = Image.new("RGB", (640, 480), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: the model sees 480x640
+    image.save(good, exif=exif)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (6000, 6000)).save(bomb)
+    code, records, _ = run_plan(capsys, str(good), str(truncated), str(bomb), "--max-image-pixels", "1000000")
+    assert code == 1
+    assert (records[0]["width"], records[0]["height"]) == (480, 640)
+    assert records[1]["error"].startswith(str(truncated)) and "truncated" in records[1]["error"]
+    assert "over the limit max_pixels=1000000" in records[2]["error"]
+    code, records, _ = run_plan(capsys, str(bomb))
+    assert code == 0 and records[0]["grid"] == {"rows": 2, "cols": 3}

@@ -14,8 +14,11 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -100,14 +103,38 @@ def _check_pixels(source: object, width: int, height: int, max_pixels: int) -> N
         raise _fail(
             source,
             f"{width}x{height} = {width * height} pixels is over the limit max_pixels={max_pixels} "
-            "(a decompression bomb guard; raise max_image_pixels if the image is genuine)",
+            "(a decompression-bomb guard; if the image is genuine, raise it with --max-image-pixels N "
+            "or max_image_pixels=N)",
         )
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _our_pixel_limit() -> Iterator[None]:
+    """Let our ``max_pixels`` rule instead of Pillow's own bomb limit (2 x ``MAX_IMAGE_PIXELS``).
+
+    Pillow's limit is a module global checked in ``Image.open``; it is lifted only for the duration of
+    one header read, under a lock, and our own check runs right after, before any pixel is decoded, so
+    the user sees our limit and how to raise it.
+    """
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    if pillow_limit is None:
+        yield
+        return
+    with _PILLOW_LIMIT_LOCK:
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def _open_header(source: object, stream: IO[bytes], max_pixels: int) -> ImageFile.ImageFile:
     """Open an encoded image lazily (header only) and check its size against ``max_pixels``."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _our_pixel_limit():
             # We enforce our own limit right below; Pillow's warning band would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(stream)
@@ -158,6 +185,18 @@ def probe_image_size(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PI
         width, height = _stored_size(image)
     if orientation in _TRANSPOSING_ORIENTATIONS:
         return height, width
+    return width, height
+
+
+def check_image_file(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) as :func:`probe_image_size` gives it, after checking that the pixels decode.
+
+    The header alone does not reveal a truncated or corrupt file; this decodes the image (JPEGs at the
+    smallest DCT scale, which still reads every byte) so that ``llava-uhd plan`` refuses such a file
+    just as loading it for the model would.
+    """
+    width, height = probe_image_size(source, max_pixels=max_pixels)
+    load_image(source, max_pixels=max_pixels, draft_size=(1, 1))
     return width, height
 
 

@@ -30,13 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def item_size(item: str, preset: Preset) -> tuple[int, int]:
-    """The (width, height) of an item: parsed from WxH, else read from the image file's header."""
+    """The (width, height) of an item: parsed from WxH, else read from the image file (checked to decode)."""
     match = _SIZE.match(item)
     if match:
         return int(match.group(1)), int(match.group(2))
-    from llava_uhd.images import probe_image_size  # Pillow only, no torch
+    from llava_uhd.images import check_image_file  # Pillow only, no torch
 
-    return probe_image_size(item, max_pixels=preset.slicing.max_image_pixels)
+    return check_image_file(item, max_pixels=preset.slicing.max_image_pixels)
 
 
 def plan_record(plan: SlicePlan, preset: Preset) -> dict[str, Any]:

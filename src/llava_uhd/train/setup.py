@@ -133,9 +133,21 @@ def prepare_model(model: nn.Module, config: TrainConfig, stage: StageSpec) -> li
         )
         setattr(model, LANGUAGE, get_peft_model(getattr(model, LANGUAGE), peft_config))
     if config.gradient_checkpointing:
-        # non-reentrant: the frozen ViT's outputs do not require grad, which reentrant checkpointing mishandles
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return apply_stage(model, stage, train_vit=config.train_vit, lora=lora)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every ViT block and LLM decoder layer in the backward pass instead of storing activations.
+
+    Non-reentrant: the frozen ViT's outputs do not require grad, which reentrant checkpointing mishandles
+    (no gradient reaches the resampler). transformers 5 renamed the switch; 4.x has only the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
