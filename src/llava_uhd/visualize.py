@@ -77,7 +77,7 @@ def _grid_on_source(image: Image.Image, plan: SlicePlan, max_width: int, max_hei
 
 
 def _caption(piece: Image.Image, patch: int, name: str) -> str:
-    return f"{name} {piece.width}x{piece.height}, {piece.height // patch}x{piece.width // patch} patches"
+    return f"{name} {piece.width}x{piece.height} px, {piece.width // patch}x{piece.height // patch} patches (cols x rows)"
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
