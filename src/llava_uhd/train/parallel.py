@@ -5,6 +5,10 @@ are reduced and how its state is saved. Built on ``torch.distributed`` directly:
 falls back to DDP for DeepSpeed on CPU and reports one process per rank, so DeepSpeed is driven through
 ``deepspeed.initialize`` here. The loss handed to ``backward`` is already normalised for the whole global
 batch (see :mod:`llava_uhd.train.loop`), so every engine must *sum* micro-batches and *average* ranks.
+
+All four run on CPU under ``torchrun`` with gloo (tests/test_distributed.py): FSDP needs its ``device_id``
+spelled out there, and DeepSpeed is kept from JIT-compiling its shared-memory op (see
+:func:`skip_deepspeed_shm_op`).
 """
 
 from __future__ import annotations
@@ -101,7 +105,8 @@ class Engine:
         buffer under the unwrapped model's names (what ``save_pretrained`` writes).
         """
         state = self.module.state_dict()
-        return {k: v.detach() for k, v in state.items() if names is None or k in set(names)}
+        wanted = set(state) if names is None else set(names)
+        return {k: v.detach() for k, v in state.items() if k in wanted}
 
     def save(self, folder: Path, rank: int) -> None:
         if rank == 0:
@@ -186,7 +191,9 @@ class FSDPEngine(Engine):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         state = get_optimizer_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=self.offload)
+            self.model,
+            self.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=self.offload),
         )
         if rank == 0:
             torch.save(state, folder / "optimizer.pt")
