@@ -12,32 +12,22 @@ from collections.abc import Sequence
 
 from llava_uhd.errors import LlavaUHDError
 
-# name -> (module under llava_uhd.commands, one-line help). Each module has add_arguments(parser) and
-# run(args) -> int; only the chosen command's module is imported, so `plan` never pays for torch.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "plan": ("plan", "show how images are sliced (grid, slice and overview sizes, token counts)"),
-    "slice": ("slice", "draw what the model sees: the slice grid, each slice, the overview, the layout"),
-    "demo": ("demo", "run the demo on the bundled example image"),
-    "train": ("train", "train a stage (resampler alignment or instruction tuning) from a YAML config"),
-    "convert": ("convert", "convert a released LLaVA-UHD checkpoint into a llava-uhd model folder"),
-    "ask": ("ask", "answer a question about images with a saved model"),
-}
+# Subcommands, each a module under llava_uhd.commands with HELP, add_arguments(parser) and run(args) -> int.
+# Only the chosen command's module is imported (and each imports torch inside run), so `plan` starts fast.
+COMMANDS: tuple[str, ...] = ("plan", "slice", "demo", "train", "convert", "ask")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; with ``only``, just that subcommand's arguments are loaded."""
+    """The argument parser; with ``only``, just that subcommand is loaded."""
     parser = argparse.ArgumentParser(
         prog="llava-uhd", description="LLaVA-UHD: any-aspect-ratio, high-resolution LMM"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
-        if only is not None and name != only:
-            sub.add_parser(name, help=help_text)
-            continue
-        module = importlib.import_module(f"llava_uhd.commands.{module_name}")
+    for name in COMMANDS if only is None else (only,):
+        module = importlib.import_module(f"llava_uhd.commands.{name}")
         sub_parser = sub.add_parser(
             name,
-            help=help_text,
+            help=module.HELP,
             description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -51,8 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(chosen)
     args = parser.parse_args(argv)
-    if not hasattr(args, "_run"):  # only reachable for a command that was not loaded
-        parser.error(f"unknown command {args.command!r}")
     try:
         return int(args._run(args) or 0)
     except LlavaUHDError as exc:

@@ -18,6 +18,8 @@ from llava_uhd.errors import LlavaUHDError
 from llava_uhd.layout import layout_string, visual_token_count
 from llava_uhd.slicing import SlicePlan, plan_slices
 
+HELP = "show how images are sliced (grid, slice and overview sizes, token counts)"
+
 _SIZE = re.compile(r"^\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*$")
 
 
