@@ -17,6 +17,7 @@ from llava_uhd.config import TINY, VisionConfig
 from llava_uhd.errors import ConfigError
 from llava_uhd.model import attention as attention_module
 from llava_uhd.model import pos_embed as pos_embed_module
+from llava_uhd.model import vision as vision_module
 from llava_uhd.model.attention import (
     MAX_BLOCK_MASK_TOKENS,
     PackedAttention,
@@ -377,3 +378,32 @@ def test_tiny_preset_tower_builds_from_config():
     assert siglip.cls_token is None and siglip.pos_embed.shape == (16, 32)
     out = siglip(torch.randn(3, 3 * PATCH * PATCH), torch.tensor([[1, 3]]))
     assert out.shape == (3, 32)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "padded"])
+def test_inference_chunks_of_whole_pieces_equal_oracle_and_autograd_path(
+    monkeypatch, hf_clip, ours, strategy
+):
+    """Without autograd the blocks run per chunk of whole pieces; 70 rows cut MIXED_GRIDS into several."""
+    monkeypatch.setattr(vision_module, "CHUNK_ROWS", 70)
+    pieces = _pieces(MIXED_GRIDS, seed=5)
+    pixel_values, grids = _packed(pieces)
+    chunks = ours.layout(grids, strategy).attend.split(70)
+    assert len(chunks) > 2  # runs are cut, and a run is cut between its pieces
+    with torch.no_grad():
+        patches, _ = ours.hidden_states(pixel_values, grids, strategy=strategy)
+    with_grad, _ = ours.hidden_states(pixel_values, grids, strategy=strategy)  # the plain autograd path
+    expected = _oracle(hf_clip, pieces)
+    for layer in range(len(patches)):
+        assert (patches[layer] - torch.cat([h[layer][0, 1:] for h in expected])).abs().max() <= TOL
+        assert (patches[layer] - with_grad[layer]).abs().max() <= TOL
+
+
+def test_split_cuts_between_whole_sequences():
+    attend = PackedAttention.build([2, 2, 3, 5, 5], strategy="grouped")
+    chunks = attend.split(5)
+    assert [(rows.start, rows.stop) for rows, _ in chunks] == [(0, 4), (4, 7), (7, 12), (12, 17)]
+    assert [part.runs for _, part in chunks] == [((0, 2, 2),), ((0, 1, 3),), ((0, 1, 5),), ((0, 1, 5),)]
+    padded = PaddedAttention.build([3, 4, 1], pad_to=4).split(9)
+    assert [(rows.start, rows.stop) for rows, _ in padded] == [(0, 8), (8, 12)]
+    assert padded[1][1].key_mask[:, 0, 0].tolist() == [[True, False, False, False]]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -174,6 +174,28 @@ class PackedAttention:
     def max_length(self) -> int:
         return max(self.lengths)
 
+    def split(self, max_rows: int) -> list[tuple[slice, PackedAttention]]:
+        """Cut the packed rows into chunks of whole sequences, each at most ``max_rows`` long (or one
+        sequence when that alone is longer), with the attention over each chunk.
+
+        Attention never crosses a sequence, so a chunk is a self-contained sub-batch: a caller can run a
+        whole transformer block on it with every intermediate sized by the chunk, not the batch. Only
+        "grouped" is cut (its runs just split); other strategies come back whole.
+        """
+        if self.strategy != "grouped":
+            return [(slice(0, sum(self.lengths)), self)]
+        chunks = []
+        for first, last in _chunk_bounds(self.lengths, max_rows):
+            sizes = self.lengths[first:last]
+            start = sum(self.lengths[:first])
+            chunks.append(
+                (
+                    slice(start, start + sum(sizes)),
+                    replace(self, lengths=sizes, runs=tuple(_runs(list(sizes)))),
+                )
+            )
+        return chunks
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(L, H, Dh) queries, keys, values -> (L, H, Dh) outputs, softmax scale Dh^-0.5."""
         if q.shape[0] != sum(self.lengths):
@@ -231,3 +253,26 @@ class PaddedAttention:
 
         out = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), attn_mask=self.key_mask)
         return out.transpose(1, 2).reshape(q.shape)
+
+    def split(self, max_rows: int) -> list[tuple[slice, PaddedAttention]]:
+        """Chunks of whole padded sequences, at most ``max_rows`` rows (at least one sequence) each."""
+        return [
+            (
+                slice(first * self.pad_to, last * self.pad_to),
+                replace(self, lengths=self.lengths[first:last], key_mask=self.key_mask[first:last]),
+            )
+            for first, last in _chunk_bounds((self.pad_to,) * len(self.lengths), max_rows)
+        ]
+
+
+def _chunk_bounds(lengths: tuple[int, ...], max_rows: int) -> list[tuple[int, int]]:
+    """[first, last) sequence indices of consecutive chunks of at most ``max_rows`` tokens (>= 1 sequence)."""
+    bounds: list[tuple[int, int]] = []
+    first, rows = 0, 0
+    for i, n in enumerate(lengths):
+        if i > first and rows + n > max_rows:
+            bounds.append((first, i))
+            first, rows = i, 0
+        rows += n
+    bounds.append((first, len(lengths)))
+    return bounds

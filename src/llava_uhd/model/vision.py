@@ -33,6 +33,14 @@ from llava_uhd.model.attention import PackedAttention, PaddedAttention, cu_seqle
 from llava_uhd.model.pos_embed import resize_grid_table
 
 PADDED = "padded"  # every piece padded to the pre-training grid: the baseline of benchmarks/vision.py
+# Most rows per chunk of whole pieces when a block runs without autograd on CPU. At ViT-L width the
+# chunk's MLP intermediate is then <= 1536 x 4096 floats = 24 MiB: under glibc's 32 MiB ceiling for
+# reusing freed heap memory (bigger buffers are mmapped and page-faulted afresh every time) and about the
+# last-level cache, while the matmuls stay large. On 2 cores, 1 layer over 3 mixed images (10.5k rows):
+# 4.29 CPU s vs 4.37 with 4096-row chunks and 4.77 unchunked (benchmarks/vision.py's batch).
+CHUNK_ROWS = 1536
+# Rows per slice of the in-place MLP activation: its temporaries (256 x 4096 floats = 4 MiB) stay in cache.
+ACT_ROWS = 256
 
 
 class PatchEmbed(nn.Module):
@@ -49,9 +57,13 @@ class PatchEmbed(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d)) if config.patch_bias else None
         nn.init.normal_(self.weight, std=config.hidden_size**-0.5)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """(Pt, K) -> (Pt, D)."""
-        return F.linear(patches.to(self.weight.dtype), self.weight.flatten(1), self.bias)
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(Pt, K) -> (Pt, D), plus (Pt, D) ``positions`` when given, added by the matmul itself."""
+        weight = self.weight.flatten(1)
+        if positions is None:
+            return F.linear(patches.to(weight.dtype), weight, self.bias)
+        out = torch.addmm(positions, patches.to(weight.dtype), weight.t())
+        return out if self.bias is None else out + self.bias
 
 
 class SelfAttention(nn.Module):
@@ -92,8 +104,47 @@ class EncoderBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, attend: PackedAttention | PaddedAttention) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attend)
-        return x + self.mlp(self.norm2(x))
+        # The chunked path writes into buffers of x's dtype with explicit matmuls, which autocast does
+        # not see; under autocast (and for autograd or GPUs) the plain module calls run instead.
+        if x.device.type != "cpu" or _tracks_grad(x, self) or torch.is_autocast_enabled("cpu"):
+            x = x + self.attn(self.norm1(x), attend)
+            return x + self.mlp(self.norm2(x))
+        return self._forward_in_chunks(x, attend)
+
+    def _forward_in_chunks(self, x: torch.Tensor, attend: PackedAttention | PaddedAttention) -> torch.Tensor:
+        """The same block without autograd, run on chunks of whole pieces with the residual adds in place.
+
+        Attention never crosses a piece, so a chunk of whole pieces is a self-contained sub-batch. Run
+        over the whole packed batch (tens of thousands of rows), every intermediate would be hundreds of
+        MB (the MLP's is L x 4096 floats, ~430 MB at 26k rows): a fresh allocation page-faulted in and
+        streamed through DRAM by each elementwise op. Per chunk of at most ``CHUNK_ROWS`` rows they stay
+        small enough for the allocator to reuse and mostly for the cache, the matmuls stay large, and the
+        residual adds ride on the matmuls (``addmm`` accumulates into the output rows; the ``out=`` form, not
+        ``addmm_``, so that ``torch.utils.flop_counter`` still counts it).
+        """
+        chunks = attend.split(CHUNK_ROWS)
+        most = max(rows.stop - rows.start for rows, _ in chunks)
+        # Buffers reused by every chunk: allocated afresh per chunk, glibc hands this much memory back to
+        # the OS and page-faults it in again (measured: ~0.9 s of system time per layer on the batch of
+        # benchmarks/vision.py, about 13% of the layer).
+        qkv = x.new_empty(most, 3, x.shape[1])
+        hidden = x.new_empty(most, self.mlp.fc1.out_features)
+        projections = (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)
+        out = x.clone()
+        for rows, chunk_attend in chunks:
+            y = out[rows]  # a view: the in-place adds below write the block's output
+            n = y.shape[0]
+            h = self.norm1(y)
+            for i, proj in enumerate(projections):
+                torch.addmm(proj.bias, h, proj.weight.t(), out=qkv[:n, i])
+            q, k, v = (qkv[:n, i].view(n, self.attn.num_heads, -1) for i in range(3))  # (n, H, Dh)
+            context = chunk_attend(q, k, v).reshape(y.shape)
+            torch.addmm(y, context, self.attn.out_proj.weight.t(), out=y).add_(self.attn.out_proj.bias)
+            h = torch.addmm(self.mlp.fc1.bias, self.norm2(y), self.mlp.fc1.weight.t(), out=hidden[:n])
+            for part in h.split(ACT_ROWS):  # in place, with cache-sized temporaries
+                part.copy_(self.mlp.act(part))
+            torch.addmm(y, h, self.mlp.fc2.weight.t(), out=y).add_(self.mlp.fc2.bias)
+        return out
 
 
 @dataclass(frozen=True)
@@ -101,13 +152,13 @@ class PackedLayout:
     """Where every input patch and CLS token sits in the packed sequence.
 
     Attributes:
-        source: (L,) for each packed token, the row of ``[patch tokens (Pt); CLS; pad]`` it is taken from.
+        num_tokens: L, the packed sequence's length (pads included for "padded").
         patch_slots: (Pt,) packed position of each input patch, in input order.
         cls_slots: (N,) packed position of each piece's CLS token, in input order (empty without CLS).
         attend: the attention over the packed sequences.
     """
 
-    source: torch.Tensor
+    num_tokens: int
     patch_slots: torch.Tensor
     cls_slots: torch.Tensor
     attend: PackedAttention | PaddedAttention
@@ -209,23 +260,20 @@ class VisionTransformer(nn.Module):
         local = torch.arange(total_patches, device=grids.device) - cu_seqlens(counts)[piece_of_patch]
         patch_slots = starts[piece_of_patch] + self.num_prefix + local
         cls_slots = starts if self.num_prefix else starts[:0]
-        # Rows of the token table: patches 0..Pt-1, then the CLS row (Pt), then a zero pad row (Pt + 1).
-        source = torch.full((total,), total_patches + 1, dtype=torch.int64, device=grids.device)
-        source[patch_slots] = torch.arange(total_patches, device=grids.device)
-        source[cls_slots] = total_patches
-        return PackedLayout(source, patch_slots, cls_slots, attend)
+        return PackedLayout(total, patch_slots, cls_slots, attend)
 
     def embed(
         self, pixel_values: torch.Tensor, piece_grids: torch.Tensor, layout: PackedLayout
     ) -> torch.Tensor:
         """Patch embedding + resized positions (+ CLS with its own position row), packed, after pre-LN: (L, D)."""
-        patches = self.patch_embed(pixel_values) + self.position_embeddings(piece_grids)  # (Pt, D)
+        patches = self.patch_embed(pixel_values, self.position_embeddings(piece_grids))  # (Pt, D)
+        # Written straight into packed order: at ~26k tokens every extra (L, D) temporary is ~100 MB.
+        tokens = patches.new_zeros(layout.num_tokens, patches.shape[1])  # pad rows ("padded") stay zero
+        tokens[layout.patch_slots] = patches
         if self.cls_token is not None:
-            cls = (self.cls_token + self.pos_embed[0])[None]
-        else:
-            cls = patches.new_zeros(1, patches.shape[1])
-        tokens = torch.cat([patches, cls, patches.new_zeros(1, patches.shape[1])])  # (Pt + 2, D)
-        return self.pre_norm(tokens[layout.source])
+            # under autocast the patch matmul gives bf16/fp16 while the CLS parameters stay float32
+            tokens[layout.cls_slots] = (self.cls_token + self.pos_embed[0]).to(tokens.dtype)
+        return self.pre_norm(tokens)
 
     def _run(
         self, pixel_values: torch.Tensor, piece_grids: torch.Tensor, strategy: str, depth: int, keep_all: bool
@@ -242,6 +290,13 @@ class VisionTransformer(nn.Module):
                 x = block(x, layout.attend)
             hidden = [*hidden, x] if keep_all else [x]
         return layout, hidden
+
+
+def _tracks_grad(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether autograd records this call (the in-place chunked path is for inference and frozen towers)."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for p in module.parameters())
 
 
 def _check_inputs(pixel_values: torch.Tensor, piece_grids: torch.Tensor, config: VisionConfig) -> None:
