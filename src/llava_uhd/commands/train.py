@@ -35,13 +35,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="continue from the latest checkpoint in output_dir, or from CHECKPOINT",
     )
+    parser.add_argument(
+        "--on-bad-sample",
+        choices=("error", "skip"),
+        default=None,
+        help="a bad record (missing/corrupt image, malformed turns) stops the run, or is skipped and "
+        "written with its reason to the skip file (same as --set data.on_bad_sample=...)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def run(args: argparse.Namespace) -> int:
     from llava_uhd.train.config import TrainConfig
 
-    config = TrainConfig.load(args.config, args.overrides).resolved()
+    overrides = list(args.overrides)
+    if args.on_bad_sample is not None:
+        overrides.append(f"data.on_bad_sample={args.on_bad_sample}")
+    config = TrainConfig.load(args.config, overrides).resolved()
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
