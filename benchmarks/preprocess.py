@@ -219,13 +219,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    load_before = os.getloadavg()[0]
     rows = measure(3 if args.quick else args.calls)
     body = table(rows, args.threads)
     command = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/preprocess.py", *sys.argv[1:]])
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, Pillow {Image.__version__}"
     )
-    full = f"Command: `{command}` ({machine}; other engineers' jobs shared the 2 cores).\n\n{body}\n\n{NOTES}"
+    load = f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    full = f"Command: `{command}` ({machine}; {load}).\n\n{body}\n\n{NOTES}"
     print(full)
     if not args.quick:
         write_section(full)
