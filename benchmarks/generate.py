@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -28,8 +26,8 @@ from llava_uhd.config import Preset, ResamplerConfig, SlicingConfig, TextConfig,
 from llava_uhd.model.configuration import LlavaUHDConfig
 from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
 from llava_uhd.slicing import plan_slices
+from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
-README = Path(__file__).with_name("README.md")
 SECTION = "## Generation (`benchmarks/generate.py`)"
 VOCAB = 8000
 IMAGE_TOKEN_ID = VOCAB  # outside the LM's vocabulary, as the processor's added <image> token is
@@ -161,17 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         options = [f"--new-tokens {args.new_tokens}"] if args.new_tokens != 32 else []
         options += [f"--threads {args.threads}"] if args.threads else []
         command = " ".join(["python benchmarks/generate.py", *options])
-        write_section(f"Command: `{command}`\n\n{table}\n")
+        write_section(SECTION, f"Command: `{command}`\n\n{table}\n")
     return 0
-
-
-def write_section(body: str) -> None:
-    """Replace the text under this script's heading in benchmarks/README.md, leaving other sections alone."""
-    text = README.read_text()
-    pattern = re.compile(rf"({re.escape(SECTION)}\n)(.*?)(?=\n## |\Z)", re.S)
-    if not pattern.search(text):
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    README.write_text(pattern.sub(lambda m: f"{m.group(1)}\n{body}", text, count=1))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import io
 import os
 import platform
-import re
 import sys
 import time
 import warnings
@@ -43,7 +42,6 @@ from llava_uhd.pixels import draft_size, image_patches
 from llava_uhd.slicing import apply_plan, plan_slices
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "benchmarks" / "README.md"
 SECTION = "## Preprocessing (`benchmarks/preprocess.py`)"
 SIZES = [(1024, 768), (1920, 1080), (672, 1008), (4000, 3000)]
 JPEG_QUALITY = 90
@@ -51,6 +49,8 @@ TARGET_SPEEDUP = 2.0
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_example_image import draw_scene  # noqa: E402  (a script, not a package)
+
+from readme_section import README, write_section  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
 
 
 def _hf_processors() -> dict[str, Callable[[Image.Image], object]]:
@@ -203,14 +203,6 @@ def table(rows: list[dict[str, object]], threads: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    text = README.read_text()
-    pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=\n## |\Z)", re.DOTALL)
-    if not pattern.search(text):
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    README.write_text(pattern.sub(lambda _: f"{SECTION}\n\n{body}\n", text, count=1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="preprocessing speed (see the module docstring)")
     parser.add_argument("--calls", type=int, default=15, help="timed calls per method and size")
@@ -230,7 +222,7 @@ def main() -> None:
     full = f"Command: `{command}` ({machine}; {load}).\n\n{body}\n\n{NOTES}"
     print(full)
     if not args.quick:
-        write_section(full)
+        write_section(SECTION, full)
         print(f"\nwrote the section into {README}")
 
 

@@ -16,15 +16,15 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "benchmarks" / "README.md"
 SECTION = "## Training (`benchmarks/train.py`)"
 SAMPLES, GLOBAL_BATCH, MICRO_BATCH = 32, 8, 4
 
@@ -143,9 +143,7 @@ def main() -> None:
     text = "\n".join(table)
     print(text)
     if not args.no_write:
-        readme = README.read_text()
-        pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=\n## |\Z)", re.S)
-        README.write_text(pattern.sub(lambda _: f"{SECTION}\n\n{text}\n", readme, count=1))
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

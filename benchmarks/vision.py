@@ -23,18 +23,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from llava_uhd.config import PAPER, VisionConfig
 from llava_uhd.model.vision import CHUNK_ROWS, VisionTransformer
 from llava_uhd.slicing import plan_slices
+from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
 IMAGE_SIZES = [
     (640, 480),
@@ -47,7 +46,6 @@ IMAGE_SIZES = [
     (1280, 720),
 ]
 TARGET_SPEEDUP = 1.3  # issue 3: packed at least this much faster than both the loop and the padded batch
-README = Path(__file__).with_name("README.md")
 SECTION = "## Vision encoder (`benchmarks/vision.py`)"
 
 
@@ -191,17 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         command = "python benchmarks/vision.py" + (f" --layers {args.layers}" if args.layers else "")
         command += f" --repeats {args.repeats}" if args.repeats != parser.get_default("repeats") else ""
-        write_section(f"Command: `{command}`\n\n{table}\n")
+        write_section(SECTION, f"Command: `{command}`\n\n{table}\n")
     return 0
-
-
-def write_section(body: str) -> None:
-    """Replace the text under this script's heading in benchmarks/README.md, leaving other sections alone."""
-    text = README.read_text()
-    pattern = re.compile(rf"({re.escape(SECTION)}\n)(.*?)(?=\n## |\Z)", re.S)
-    if not pattern.search(text):
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    README.write_text(pattern.sub(lambda m: f"{m.group(1)}\n{body}", text, count=1))
 
 
 if __name__ == "__main__":
