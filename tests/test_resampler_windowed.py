@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from llava_uhd.config import ResamplerConfig
 from llava_uhd.errors import ConfigError
 from llava_uhd.model.resampler import build_resampler
-from llava_uhd.model.resampler_windowed import WindowedResampler, pooled_size, window_bounds
+from llava_uhd.model.resampler_windowed import WindowedResampler, window_bounds
 from llava_uhd.model.roi_align import roi_align_torch
+from llava_uhd.model.windows import pooled_size
 
 KV_DIM, EMBED_DIM, HEADS = 24, 32, 4
 CONFIG = ResamplerConfig(kind="windowed", num_queries=144, num_heads=HEADS)

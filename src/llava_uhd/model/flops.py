@@ -28,6 +28,7 @@ from typing import Any
 from llava_uhd.config import Preset, TextConfig, VisionConfig
 from llava_uhd.errors import ConfigError
 from llava_uhd.layout import visual_token_count
+from llava_uhd.model.windows import pooled_size
 from llava_uhd.slicing import SlicePlan
 
 # LLaVA-1.5's projector: Linear(Dv, D) -> GELU -> Linear(D, D) on each of its visual tokens.
@@ -154,6 +155,36 @@ def resampler_piece_flops(num_queries: int, patches: int, kv_dim: int, embed_dim
     )
 
 
+def windowed_resampler_piece_flops(grid_side: int, rows: int, cols: int, kv_dim: int, embed_dim: int) -> int:
+    """The released checkpoint's windowed resampler on one (rows x cols) piece (issue 4 / official-v1).
+
+    Keys and values are projected after pooling: each of the Q = grid_side**2 queries attends to the
+    ph x pw pooled cells of its own window only. The RoIAlign pooling itself is bilinear interpolation,
+    not a matrix product, and is not counted (like the position-table resizes).
+    """
+    d = embed_dim
+    queries = grid_side * grid_side
+    pooled_h, pooled_w = pooled_size(rows, cols)
+    cells = pooled_h * pooled_w
+    kv_proj = linear_flops(rows * cols, kv_dim, d) if kv_dim != d else 0
+    return (
+        kv_proj
+        + linear_flops(queries, d, d)  # query projection
+        + linear_flops(queries * cells, d, 2 * d)  # key and value projections of the pooled cells
+        + queries * attention_core_flops(1, cells, d)  # one query against its window's cells
+        + linear_flops(queries, d, d)  # attention output
+        + linear_flops(queries, d, d)  # the final ``@ proj``
+    )
+
+
+def resampler_flops(preset: Preset, rows: int, cols: int, embed_dim: int) -> int:
+    """The preset's resampler (perceiver or windowed) on one (rows x cols) piece."""
+    config, kv_dim = preset.resampler, preset.vision.hidden_size
+    if config.kind == "windowed":
+        return windowed_resampler_piece_flops(config.grid_side, rows, cols, kv_dim, embed_dim)
+    return resampler_piece_flops(config.num_queries, rows * cols, kv_dim, embed_dim)
+
+
 def llm_flops(dims: TextDims, tokens: int) -> int:
     """A decoder-only LM's forward over ``tokens`` positions, LM head included."""
     d = dims.hidden_size
@@ -177,20 +208,14 @@ def _total(parts: dict[str, int]) -> dict[str, int]:
 def uhd_flops(preset: Preset, plan: SlicePlan, text_tokens: int) -> dict[str, int]:
     """Forward FLOPs of one image planned by ``plan`` plus ``text_tokens`` text tokens.
 
-    Returns ``{"vit", "resampler", "llm", "total"}``. The windowed resampler (``official-v1``) is
-    counted with the same projections; its attention is restricted to windows, so the count here is
-    an upper bound for it. The resampler runs at the LLM's width, so its key and value projections of
-    every patch are not negligible (about 3.5% of the total for the 13B paper preset at 672x1088).
+    Returns ``{"vit", "resampler", "llm", "total"}``. The perceiver resampler runs at the LLM's width, so
+    its key and value projections of every patch are not negligible (about 3.5% of the total for the 13B
+    paper preset at 672x1088); the windowed one (``official-v1``) projects only the pooled cells.
     """
     vision, dims = preset.vision, text_dims(preset.text)
     grids = plan.piece_grids
     vit = sum(vit_piece_flops(vision, g.rows, g.cols) for g in grids)
-    resampler = sum(
-        resampler_piece_flops(
-            preset.resampler.num_queries, g.rows * g.cols, vision.hidden_size, dims.hidden_size
-        )
-        for g in grids
-    )
+    resampler = sum(resampler_flops(preset, g.rows, g.cols, dims.hidden_size) for g in grids)
     tokens = visual_token_count(plan, preset.resampler.num_queries) + text_tokens
     return _total({"vit": vit, "resampler": resampler, "llm": llm_flops(dims, tokens)})
 
