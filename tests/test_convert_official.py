@@ -284,6 +284,11 @@ def test_preset_and_configs(tmp_path, parts):
         hidden_size=32, intermediate_size=64, num_layers=2, num_heads=1, image_size=112, patch_size=14
     )
 
+    # An explicit --vision-tower folder wins over the weights' guess (heads cannot be read off weights).
+    assert vision_config(released, checkpoint.state_dict, source / "clip") == preset.vision
+    with pytest.raises(CheckpointError, match="no config.json; --vision-tower wants a CLIP vision folder"):
+        vision_config(released, checkpoint.state_dict, tmp_path)
+
     bad = replace(checkpoint, config=dict(checkpoint.config, mm_projector_type="mlp2x_gelu"))
     with pytest.raises(ConfigError, match=r"mm_projector_type is 'mlp2x_gelu'"):
         official_preset(bad)

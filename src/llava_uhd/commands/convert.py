@@ -42,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors shard written (default 5GB)"
     )
+    parser.add_argument(
+        "--vision-tower",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a local CLIP vision folder (config.json) giving the tower's exact shape; default: the "
+        "checkpoint's mm_vision_tower when that is a local folder, else CLIP's 64 channels per head",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -54,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dst.exists() and (not args.dst.is_dir() or any(args.dst.iterdir())):
         raise CheckpointError(f"{args.dst}: already exists and is not an empty folder; choose a new DST")
     checkpoint = read_released(args.src)
-    preset = official_preset(checkpoint)
+    preset = official_preset(checkpoint, args.vision_tower)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(args.src))
     except (OSError, ValueError) as exc:
@@ -66,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         image_token_id=processor.image_token_id,
         allow_unexpected=args.allow_unexpected,
         max_shard_size=args.max_shard_size,
+        vision_tower=args.vision_tower,
     )
     processor.save_pretrained(args.dst)
     out = sys.stdout

@@ -101,15 +101,22 @@ def text_config_dict(released: Mapping[str, Any]) -> dict[str, Any]:
     return {"model_type": "llama", **fields}
 
 
-def vision_config(released: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> VisionConfig:
-    """The CLIP tower's shape: from ``mm_vision_tower`` when it is a local CLIP folder, else from the weights.
+def vision_config(
+    released: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    vision_tower: str | Path | None = None,
+) -> VisionConfig:
+    """The CLIP tower's shape: from ``vision_tower`` (a local CLIP folder), else ``mm_vision_tower`` when
+    that is a local folder, else from the weights.
 
     The weights give every size but the head count, which is the CLIP convention (64 channels a head:
     16 heads for the released ViT-L/14-336); activation and LayerNorm epsilon are CLIP's defaults.
     """
     feature_layer = int(released.get("mm_vision_select_layer", -2))
-    tower = released.get("mm_vision_tower")
-    if isinstance(tower, str) and (Path(tower) / "config.json").is_file():
+    if vision_tower is not None and not (Path(vision_tower) / "config.json").is_file():
+        raise CheckpointError(f"{vision_tower}: no config.json; --vision-tower wants a CLIP vision folder")
+    tower = vision_tower if vision_tower is not None else released.get("mm_vision_tower")
+    if isinstance(tower, str | Path) and (Path(tower) / "config.json").is_file():
         from transformers import AutoConfig
 
         return vision_config_from_hf(AutoConfig.from_pretrained(tower), feature_layer)
@@ -136,8 +143,12 @@ def vision_config(released: Mapping[str, Any], state_dict: Mapping[str, torch.Te
     )
 
 
-def official_preset(checkpoint: ReleasedCheckpoint) -> Preset:
-    """The ``official-v1`` preset with this checkpoint's vision tower and LLaMA shapes filled in."""
+def official_preset(checkpoint: ReleasedCheckpoint, vision_tower: str | Path | None = None) -> Preset:
+    """The ``official-v1`` preset with this checkpoint's vision tower and LLaMA shapes filled in.
+
+    ``vision_tower``: a local CLIP vision folder whose config.json gives the tower's exact shape (its head
+    count cannot be read off the weights); see :func:`vision_config`.
+    """
     released = checkpoint.config
     projector = released.get("mm_projector_type")
     if projector != RELEASED_PROJECTOR:
@@ -150,7 +161,7 @@ def official_preset(checkpoint: ReleasedCheckpoint) -> Preset:
         raise ConfigError(
             f"{checkpoint.folder}: mm_vision_select_feature {select!r} is not supported (want 'patch')"
         )
-    vision = vision_config(released, checkpoint.state_dict)
+    vision = vision_config(released, checkpoint.state_dict, vision_tower)
     if "mm_hidden_size" in released and released["mm_hidden_size"] != vision.hidden_size:
         raise ConfigError(
             f"{checkpoint.folder}: mm_hidden_size {released['mm_hidden_size']} != vision tower width {vision.hidden_size}"
@@ -220,6 +231,7 @@ def convert_released(
     image_token_id: int | None = None,
     allow_unexpected: bool = False,
     max_shard_size: str | int = "5GB",
+    vision_tower: str | Path | None = None,
 ) -> tuple[Preset, LoadReport]:
     """Convert a released checkpoint (a folder, or one :func:`read_released` read) into our ``save_pretrained`` weights and config at ``destination``.
 
@@ -227,13 +239,14 @@ def convert_released(
     no second copy, each tensor in its released dtype), then saved. Buffers that checkpoints never store
     (LLaMA's rotary tables) stay unmaterialised in that vehicle: it is only saved, never run; loading the
     folder with ``from_pretrained`` builds them. ``image_token_id`` is the ``<image>`` token the
-    processor added to the tokenizer. Nothing is written unless every check passes.
+    processor added to the tokenizer. ``vision_tower`` as in :func:`official_preset`. Nothing is written
+    unless every check passes.
     """
     from llava_uhd.model.configuration import LlavaUHDConfig
     from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
 
     checkpoint = source if isinstance(source, ReleasedCheckpoint) else read_released(source)
-    preset = official_preset(checkpoint)
+    preset = official_preset(checkpoint, vision_tower)
     config = LlavaUHDConfig.from_preset(preset, image_token_id=image_token_id)
     with torch.device("meta"):
         model = LlavaUHDForConditionalGeneration(config)
