@@ -163,43 +163,40 @@ def measure(calls: int) -> list[dict[str, object]]:
     return rows
 
 
+def _rate_table(
+    rows: list[dict[str, object]], source: str, columns: list[str], diff_header: str
+) -> list[str]:
+    """One markdown table: images/s per method, the speed-up over the faster HF processor, the diff."""
+    lines = [
+        "| size | " + " | ".join(columns) + f" | speed-up | {diff_header} |",
+        "| --- " * (len(columns) + 3) + "|",
+    ]
+    for row in rows:
+        rates = row[source]
+        speedup = rates["ours fast"] / max(rates["LlavaNext"], rates["Qwen2-VL"])
+        max_d, mean_d = row[f"diff_{source}"]
+        lines.append(
+            f"| {row['size']} | " + " | ".join(f"{rates[c]:.1f}" for c in columns) + f" | {speedup:.1f}x | "
+            f"{max_d:.0f} / {mean_d:.3f} |"
+        )
+    return lines
+
+
 def table(rows: list[dict[str, object]], threads: int) -> str:
     pil_cols = ["ours fast", "ours exact", "released", "floor", "LlavaNext", "Qwen2-VL"]
+    jpeg_cols = ["ours fast", "released", "LlavaNext", "Qwen2-VL"]
     lines = [
         f"Images/s from the fastest of interleaved calls, torch threads = {threads} (PIL is single-threaded). "
         f"Speed-up = ours fast / the faster of LlavaNext and Qwen2-VL (target >= {TARGET_SPEEDUP:g}x).",
         "",
         "From a decoded PIL image:",
         "",
-        "| size | " + " | ".join(pil_cols) + " | speed-up | fast vs exact, max / mean abs diff (levels) |",
-        "| --- " * (len(pil_cols) + 3) + "|",
-    ]
-    for row in rows:
-        rates = row["pil"]
-        speedup = rates["ours fast"] / max(rates["LlavaNext"], rates["Qwen2-VL"])
-        max_d, mean_d = row["diff_pil"]
-        lines.append(
-            f"| {row['size']} | " + " | ".join(f"{rates[c]:.1f}" for c in pil_cols) + f" | {speedup:.1f}x | "
-            f"{max_d:.0f} / {mean_d:.3f} |"
-        )
-    jpeg_cols = ["ours fast", "released", "LlavaNext", "Qwen2-VL"]
-    lines += [
+        *_rate_table(rows, "pil", pil_cols, "fast vs exact, max / mean abs diff (levels)"),
         "",
         "From JPEG bytes (quality 90; ours decodes at a DCT draft scale, the others decode fully):",
         "",
-        "| size | "
-        + " | ".join(jpeg_cols)
-        + " | speed-up | draft+fast vs exact on the full decode, max / mean (levels) |",
-        "| --- " * (len(jpeg_cols) + 3) + "|",
+        *_rate_table(rows, "jpeg", jpeg_cols, "draft+fast vs exact on the full decode, max / mean (levels)"),
     ]
-    for row in rows:
-        rates = row["jpeg"]
-        speedup = rates["ours fast"] / max(rates["LlavaNext"], rates["Qwen2-VL"])
-        max_d, mean_d = row["diff_jpeg"]
-        lines.append(
-            f"| {row['size']} | " + " | ".join(f"{rates[c]:.1f}" for c in jpeg_cols) + f" | {speedup:.1f}x | "
-            f"{max_d:.0f} / {mean_d:.3f} |"
-        )
     return "\n".join(lines)
 
 
