@@ -146,6 +146,47 @@ def test_ask_bad_options_exit_2(converted, image_path, capsys):
     assert "num_beams must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_ask_dtype_loads_the_weights_in_it(converted, image_path, capsys, monkeypatch):
+    from llava_uhd.inference import generate
+
+    _, destination, _ = converted
+    loaded = []
+
+    def spy(*args, **kwargs):
+        model, processor = load(*args, **kwargs)
+        loaded.append(model)
+        return model, processor
+
+    load = generate.load_model_and_processor
+    monkeypatch.setattr(generate, "load_model_and_processor", spy)
+    argv = ["ask", "--model", str(destination), "--image", str(image_path), "hi", "--max-new-tokens", "2"]
+    assert main([*argv, "--dtype", "bfloat16", "--json"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["answer"], str)
+    assert main(argv) == 0  # auto: float32 on a CPU
+    assert [model.dtype for model in loaded] == [torch.bfloat16, torch.float32]
+    assert {p.dtype for p in loaded[0].parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu0", "--device 'gpu0' is not a torch device"),
+        pytest.param(
+            "cuda",
+            "--device 'cuda': this torch build or machine has no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_ask_bad_device_exits_2(converted, image_path, capsys, device, message):
+    _, destination, _ = converted
+    assert (
+        main(["ask", "--model", str(destination), "--image", str(image_path), "hi", "--device", device]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
 def test_convert_errors_exit_2(tmp_path, converted, capsys):
     source, destination, _ = converted
     assert main(["convert", "--from", "official-v1", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2

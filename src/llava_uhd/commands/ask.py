@@ -11,8 +11,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llava_uhd.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = "answer a question about images with a saved model"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights' dtype: auto (default) is bfloat16 on a GPU that supports it, float32 otherwise",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object with the answer")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from llava_uhd.inference.generate import GenerationOptions, answer, load_model_and_processor
 
@@ -42,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_model_and_processor(args.model, device=device)
+    device = _device(args.device)
+    model, processor = load_model_and_processor(args.model, device=device, dtype=_dtype(args.dtype, device))
     images = [str(path) for path in args.image]
     text = answer(model, processor, images, args.question, **vars(options))
     if args.json:
@@ -52,3 +64,33 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text + "\n")
     return 0
+
+
+
+def _device(name: str | None) -> torch.device:
+    """``--device`` as a torch device, refused with the flag named when torch cannot use it here."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: this torch build or machine has no CUDA device")
+    return device
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for ``--dtype``: "auto" is bfloat16 where the GPU computes in it, else float32.
+
+    CPUs without native bfloat16 emulate it (slower than float32), hence float32 there; the model keeps
+    its position-table resizing in float32 either way.
+    """
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    cuda = device.type == "cuda"
+    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
