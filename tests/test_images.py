@@ -143,6 +143,7 @@ def test_animated_gif_takes_first_frame() -> None:
 _UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
     6: Image.Transpose.ROTATE_270,
     8: Image.Transpose.ROTATE_90,
     5: Image.Transpose.TRANSPOSE,
@@ -192,6 +193,13 @@ def test_pil_input_is_transposed_as_a_copy() -> None:
         stored.size == (6, 4) and stored.getexif()[EXIF_ORIENTATION] == 8
     )  # the caller's image is untouched
     assert probe_image_size(stored) == (4, 6)
+
+
+def test_pil_rgb_input_comes_back_as_a_copy() -> None:
+    image = _pattern()
+    loaded = load_image(image)  # nothing to convert or turn, yet the caller's object is not handed back
+    assert loaded is not image
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(image))
 
 
 def test_jpeg_draft_decodes_at_reduced_scale() -> None:

@@ -12,6 +12,7 @@ here (pixels are decoded eagerly with ``load()``), not later inside a resize.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import threading
@@ -27,6 +28,8 @@ from PIL import Image, ImageFile, ImageOps, PngImagePlugin, TiffImagePlugin, Uni
 
 from llava_uhd.config import DEFAULT_MAX_IMAGE_PIXELS
 from llava_uhd.errors import ImageLoadError
+
+logger = logging.getLogger(__name__)
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
@@ -51,12 +54,16 @@ _PIL_ERRORS: tuple[type[BaseException], ...] = (
 # EXIF orientations 5-8 transpose the image, so width and height swap (EXIF 2.3, tag 0x0112).
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_TURNING_ORIENTATIONS = frozenset(range(2, 9))  # every orientation but 1 (upright) moves pixels
 _TIFF_WIDTH_TAG, _TIFF_LENGTH_TAG = 256, 257  # ImageWidth, ImageLength (TIFF 6.0)
+_TIFF_BITS_TAG, _TIFF_SAMPLE_FORMAT_TAG = 258, 339  # BitsPerSample, SampleFormat (TIFF 6.0)
+_TIFF_SIGNED = 2  # SampleFormat: two's complement signed integer
+# Formats whose integer greyscale Pillow always delivers on a 16-bit scale: PNG stores 16 bits, and the
+# PPM/PGM decoder rescales any maxval above 255 to 0-65535.
+_SIXTEEN_BIT_FORMATS = frozenset({"PNG", "PPM"})
 
 _UINT8_MAX = 255
 _UINT16_MAX = 65535
-# 65535 / 257 == 255 exactly: the rounding-free map from 16-bit to 8-bit levels.
-_UINT16_TO_UINT8 = _UINT16_MAX / _UINT8_MAX
 _WHITE = (255, 255, 255)
 
 
@@ -239,7 +246,8 @@ def load_image(
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
     if isinstance(source, Image.Image):
-        return _decoded(source, source, max_pixels, draft_size=None)
+        image = _decoded(source, source, max_pixels)
+        return image.copy() if image is source else image  # never hand back the caller's own object
     stream = _open_source(source)
     with stream:
         image = _open_header(source, stream, max_pixels)
@@ -247,15 +255,16 @@ def load_image(
 
 
 def _decoded(
-    source: object, image: Image.Image, max_pixels: int, draft_size: tuple[int, int] | None
+    source: object, image: Image.Image, max_pixels: int, draft_size: tuple[int, int] | None = None
 ) -> Image.Image:
+    """Decode, turn upright and convert to RGB; every decoding error becomes an ImageLoadError."""
     _check_pixels(source, image.size[0], image.size[1], max_pixels)
     try:
         if draft_size is not None and image.format == "JPEG":
             _draft(image, draft_size)
         image.load()  # decode now: a truncated file must fail here, not inside a later resize
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        white_level = _declared_white_level(image)  # read from the header before a transpose drops it
+        return to_rgb(_upright(image), white_level=white_level)
     except ImageLoadError:
         raise
     except _PIL_ERRORS as exc:
@@ -271,19 +280,63 @@ def _draft(image: Image.Image, size: tuple[int, int]) -> None:
     image.draft(mode, (width, height))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def _upright(image: Image.Image) -> Image.Image:
+    """``ImageOps.exif_transpose`` without the full copy it makes of an image that is already upright."""
+    if image.getexif().get(_EXIF_ORIENTATION_TAG, 1) in _TURNING_ORIENTATIONS:
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def _declared_white_level(image: Image.Image) -> int | None:
+    """The value that stands for white in an integer greyscale image, as its file declares; else None.
+
+    TIFF: from BitsPerSample and SampleFormat (2**bits - 1 unsigned, 2**(bits - 1) - 1 signed, whose
+    negative values are clipped to black). PNG and PPM/PGM: 65535 (see ``_SIXTEEN_BIT_FORMATS``).
+    """
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return None
+    if isinstance(image, TiffImagePlugin.TiffImageFile):
+        bits = _first(image.tag_v2.get(_TIFF_BITS_TAG))
+        if bits is None:
+            return None
+        signed = _first(image.tag_v2.get(_TIFF_SAMPLE_FORMAT_TAG)) == _TIFF_SIGNED
+        return 2 ** (bits - 1 if signed else bits) - 1
+    if image.format in _SIXTEEN_BIT_FORMATS:
+        return _UINT16_MAX
+    return None
+
+
+def _first(value: object) -> int | None:
+    """A TIFF tag's first value (Pillow gives a tuple per sample, or a bare int)."""
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    return value if isinstance(value, int) else None
+
+
+def to_rgb(image: Image.Image, white_level: int | None = None) -> Image.Image:
     """Convert a decoded PIL image of any mode to 8-bit RGB.
 
-    Transparent modes (LA, La, P with transparency, PA, RGBA, RGBa) are composited on white;
-    16-bit and 32-bit integer greyscale (I;16*, I) is scaled from the 0-65535 range to 0-255 rather than
-    clipped; float greyscale (F) is read in [0, 1] when all of it lies there, otherwise on Pillow's 0-255
-    scale, and clipped.
+    Transparent modes (LA, La, P with transparency, PA, RGBA, RGBa) are composited on white.
+    Float greyscale (F) is read in [0, 1] when all of it lies there, otherwise on Pillow's 0-255 scale,
+    and clipped.
+
+    Integer greyscale (I;16*, I) is scaled so that ``white_level`` becomes 255, rounded; values below 0
+    or above ``white_level`` are clipped. :func:`load_image` passes the level the file declares: TIFF
+    ``2**BitsPerSample - 1`` (so 12-bit, 16-bit and 32-bit TIFFs each use their full range, and signed
+    ones ``2**(bits - 1) - 1``), 65535 for 16-bit PNG and for PGM with maxval > 255 (Pillow rescales
+    those to 16 bits). Without one (an image built in memory, whose origin is unknown): I;16 modes are
+    16-bit by their name, 65535; mode I has no range of its own, so its values are taken as 8-bit
+    levels when they all lie in 0-255 (e.g. ``L.convert("I")`` or ``Image.fromarray`` of an int32
+    array of 8-bit data) and as 16-bit levels otherwise. That rule is a guess: a 16-bit image darker
+    than level 256 of 65535 would be read as 8-bit, so pass ``white_level`` when it is known. A
+    non-black integer image that still maps to black (say a 32-bit TIFF holding 8-bit values) is
+    logged as a warning.
     """
     mode = image.mode
     if mode == "RGB":
         return image
     if mode.startswith("I;16") or mode == "I":
-        return _grey_to_rgb(np.asarray(image).astype(np.float64) / _UINT16_TO_UINT8)
+        return _grey_to_rgb(_integer_levels(image, white_level))
     if mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=_UINT8_MAX, neginf=0.0)
         in_unit_range = values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0
@@ -295,6 +348,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", image.size, (*_WHITE, _UINT8_MAX))
         return Image.alpha_composite(white, image).convert("RGB")
     return image.convert("RGB")
+
+
+def _integer_levels(image: Image.Image, white_level: int | None) -> np.ndarray:
+    """Integer greyscale -> float 8-bit levels (not yet rounded or clipped); see :func:`to_rgb`."""
+    values = np.asarray(image)
+    if white_level is not None and white_level > np.iinfo(np.int32).max and values.dtype == np.int32:
+        values = values.view(np.uint32)  # unsigned 32-bit data that Pillow keeps in signed int32
+    peak = int(values.max()) if values.size > 0 else 0
+    if white_level is None:
+        white_level = _UINT8_MAX if image.mode == "I" and peak <= _UINT8_MAX else _UINT16_MAX
+    if peak > 0 and peak * _UINT8_MAX * 2 < white_level:  # every value rounds to level 0
+        logger.warning(
+            "integer greyscale image (mode %s) with values up to %d on a 0-%d scale comes out black",
+            image.mode,
+            peak,
+            white_level,
+        )
+    # v * 255 is exact in float64 and the division rounds once: no level lands on a rounding tie
+    return values.astype(np.float64) * _UINT8_MAX / white_level
 
 
 def _grey_to_rgb(levels: np.ndarray) -> Image.Image:

@@ -66,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _device(name: str | None) -> torch.device:
     """``--device`` as a torch device, refused with the flag named when torch cannot use it here."""
     import torch
