@@ -64,7 +64,8 @@ def test_pre_resize_to_zero_is_an_error_line(capsys):
 def test_human_output_and_usage_errors(capsys):
     assert main(["plan", "1920x1080"]) == 0
     out = capsys.readouterr().out
-    assert "3x2 grid" in out and "[s1] , [s2] , [s3] \\n" in out
+    assert out.startswith("1920x1080: 3x2 grid (cols x rows), slices 364x308")  # the size is not repeated
+    assert "[s1] , [s2] , [s3] \\n" in out
     assert main(["plan", "--preset", "nope", "10x10"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
 

@@ -70,8 +70,9 @@ def _describe(item: str, record: dict[str, Any], plan: SlicePlan, preset: Preset
     grid = record["grid"]
     grid_text = "no slices" if grid is None else f"{grid['cols']}x{grid['rows']} grid (cols x rows)"
     slice_text = "" if not plan.slices else f", slices {plan.slices[0].width}x{plan.slices[0].height}"
+    size = f"{plan.width}x{plan.height}"
     text = (
-        f"{item}: {plan.width}x{plan.height}"
+        (size if item == size else f"{item}: {size}")  # a file is named, then its size
         + (f" -> pre-resized {plan.pre_resized.width}x{plan.pre_resized.height}" if plan.pre_resized else "")
         + f": {grid_text}{slice_text}, overview {plan.overview.width}x{plan.overview.height}, "
         f"{record['vit_patches']} ViT patches, {record['llm_tokens']} LLM tokens\n"
