@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from llava_uhd.config import TINY, SlicingConfig
 from llava_uhd.errors import ConfigError, PlaceholderMismatchError, TokenBudgetError
-from llava_uhd.images import load_image
+from llava_uhd.images import check_image_file, load_image, probe_image_size
 from llava_uhd.layout import visual_token_count
 from llava_uhd.pixels import draft_size, image_patches, patches_to_piece
 from llava_uhd.processing import (
@@ -145,6 +147,39 @@ def test_jpeg_bytes_are_decoded_at_a_draft_scale_and_stay_close(llama_tokenizer)
     std = torch.tensor(SlicingConfig().image_std).repeat_interleave(P * P)
     levels = ((fast.pixel_values - exact.pixel_values) * std * 255).abs()
     assert levels.mean() < 2.0, levels.mean()  # 1.44 measured on this noisy, hard-edged scene
+
+
+def png_with_late_exif(image: Image.Image, orientation: int) -> bytes:
+    """A PNG whose eXIf chunk (EXIF orientation) comes after the pixel data, just before IEND."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    data = buffer.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes().removeprefix(b"Exif\x00\x00")  # PNG stores the bare TIFF structure
+    chunk = b"eXIf" + payload
+    chunk = struct.pack(">I", len(payload)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    iend = data.rindex(b"IEND") - 4  # the IEND chunk starts with its 4-byte length
+    return data[:iend] + chunk + data[iend:]
+
+
+@pytest.mark.parametrize("budget", [None, 4 * Q])
+def test_png_orientation_after_the_pixels_is_planned_from_the_decoded_image(llama_tokenizer, budget) -> None:
+    """The header probe cannot see it; the processor plans the request again once the decoder has, so
+    the PNG is sliced upright, beside a JPEG of the same request and under a shared token budget."""
+    stored = scene(300, 120, seed=5)
+    late = png_with_late_exif(stored, orientation=6)  # rotated 90 degrees: the model sees 120x300
+    buffer = io.BytesIO()
+    scene(1600, 1200, seed=6).save(buffer, "JPEG", quality=95)
+    jpeg = buffer.getvalue()
+    assert probe_image_size(late) == (300, 120) and check_image_file(late) == (120, 300)
+    fast = LlavaUHDProcessor(llama_tokenizer, TINY)
+    got = fast.process_images([late, jpeg], max_visual_tokens=budget)
+    upright = stored.transpose(Image.Transpose.ROTATE_270)
+    expected = fast.process_images([upright, jpeg], max_visual_tokens=budget)
+    assert (got.plans[0].width, got.plans[0].height) == (120, 300)
+    assert got.plans == expected.plans
+    assert torch.equal(got.pixel_values, expected.pixel_values)
 
 
 def test_pre_resize_is_planned_and_applied(llama_tokenizer) -> None:

@@ -163,7 +163,8 @@ def _exif_orientation(image: Image.Image) -> int:
         exif.load(raw)
     elif isinstance(image, PngImagePlugin.PngImageFile):
         # PNG's getexif() decodes the whole image to look for an eXIf chunk after the pixel data;
-        # an orientation there is vanishingly rare and not worth a full decode in a header probe.
+        # an orientation there is rare and not worth a full decode in a header probe. Callers that
+        # decode anyway (check_image_file, the processor) correct the size from the decoded image.
         return 1
     else:
         exif = image.getexif()  # TIFF keeps orientation in its header tags
@@ -203,7 +204,9 @@ def check_image_file(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PI
     just as loading it for the model would.
     """
     width, height = probe_image_size(source, max_pixels=max_pixels)
-    load_image(source, max_pixels=max_pixels, draft_size=(1, 1))
+    image = load_image(source, max_pixels=max_pixels, draft_size=(1, 1))
+    if width != height and image.size == (height, width):  # a PNG's EXIF orientation after its pixels
+        return image.size
     return width, height
 
 

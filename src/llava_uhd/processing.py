@@ -306,11 +306,35 @@ class LlavaUHDProcessor:
                 decoded[i] = image
                 sizes.append(image.size)
         plans = self.plan_images(sizes, max_slices=max_slices, max_visual_tokens=budget)
-        loaded = [
+        loaded = self._decode_planned(images, decoded, plans)
+        # The header probe cannot see an EXIF orientation stored after a PNG's pixel data (the decoder
+        # meets it at the end): an image that decodes as the transpose of its probed size is planned
+        # again from what was decoded, and any other image whose plan that changes is decoded again.
+        turned = [
+            i
+            for i, (image, size) in enumerate(zip(loaded, sizes, strict=True))
+            if decoded[i] is None and size[0] != size[1] and image.size == (size[1], size[0])
+        ]
+        if turned:
+            for i in turned:
+                sizes[i], decoded[i] = loaded[i].size, loaded[i]
+            first, plans = plans, self.plan_images(sizes, max_slices=max_slices, max_visual_tokens=budget)
+            decoded = [
+                image if full is not None or old == new else None  # a draft for the old plan may not fit
+                for image, full, old, new in zip(loaded, decoded, first, plans, strict=True)
+            ]
+            loaded = self._decode_planned(images, decoded, plans)
+        return loaded, plans
+
+    def _decode_planned(
+        self, images: Sequence[ImageSource], decoded: list[Image.Image | None], plans: Sequence[SlicePlan]
+    ) -> list[Image.Image]:
+        """The decoded images, decoding the rest at the DCT scale each one's plan allows."""
+        limit = self.slicing.max_image_pixels
+        return [
             image if image is not None else load_image(source, max_pixels=limit, draft_size=draft_size(plan))
             for image, source, plan in zip(decoded, images, plans, strict=True)
         ]
-        return loaded, plans
 
     def encode(self, images: Sequence[Image.Image], plans: Sequence[SlicePlan]) -> ImageBatch:
         """Pixels of decoded images and their plans, all in one preallocated buffer."""
