@@ -74,14 +74,18 @@ class Timing:
 
 
 def timed(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, Timing]:
-    """Time each function ``repeats`` times, interleaved (a, b, c, a, b, c, ...), keeping the minima.
+    """Time each function ``repeats`` times, interleaved and rotated (a, b, c, b, c, a, ...), keeping the minima.
 
-    Interleaving and minima keep a burst of other work on the shared cores from penalising one method;
-    CPU time is reported beside wall time because on a loaded machine it is the steadier of the two.
+    Interleaving and minima keep a burst of other work on the shared cores from penalising one method,
+    rotating the order keeps any one method from always running first (or right after another's big
+    allocations); CPU time is reported beside wall time because on a loaded machine it is the steadier.
     """
     timings = {name: Timing() for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             start, cpu_start = time.perf_counter(), os.times()
             out = fn()
             if torch.cuda.is_available():
