@@ -5,6 +5,12 @@ so the split over ranks changes only float summation order: losses agree to 1e-5
 trained weights (the checkpoint's trainable set and the whole final model) to 1e-5 absolute after 4 steps.
 Sharded backends also resume: a 2-process run resumed from its step-2 checkpoint ends bitwise equal to the
 uninterrupted one (same world size, same reduction order). One torchrun launch per backend and purpose.
+
+LoRA runs stage 2 (peft adapters on the LLM, the resampler trains fully) on FSDP, ZeRO-2 and ZeRO-3 and
+follows the 1-process LoRA run the same way. Stage 2's data mixes in text-only samples: in steps 3-4 some
+ranks have no image (they run an idle piece, train/idle_piece.py) and step 3 has none on any rank. Each
+final folder is the plain model with the run's own adapters folded in, bit for bit what peft's merge gives,
+and optimizer state exists for the adapters and the resampler only.
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from llava_uhd.train.config import TrainConfig
+from llava_uhd.train.entry import build_data
+from llava_uhd.train.loop import MODEL_INPUTS
+from llava_uhd.train.setup import build_model, build_processor, merge_lora, prepare_model
+from llava_uhd.train.stages import get_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "train" / "debug-cpu.yaml"
@@ -144,4 +156,101 @@ def test_deepspeed_zero3_two_processes_match_one_and_resume(tmp_path: Path, sing
     run = _train(tmp_path / "ds", 2, *args)
     assert DEEPSPEED_BUILD_LINE not in run.log
     _assert_follows(run, single)
+    _assert_resume_is_exact(run, tmp_path, *args)
+
+
+# -- LoRA -------------------------------------------------------------------------------------------------
+
+LORA_RANK = 4
+LORA = ["--set", "stage=stage2", "--set", f"lora.r={LORA_RANK}", "--set", f"save_every={RESUME_STEP}"]
+# the merged models' logits, 2-process vs 1-process (|logit| < 1 on the tiny model): measured 4e-7
+LOGITS_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def single_lora(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _train(tmp_path_factory.mktemp("single_lora"), 1, *LORA)
+
+
+def _lora_config(run: Run) -> TrainConfig:
+    overrides = [*COMMON[1::2], *LORA[1::2]]  # the values of the --set pairs
+    return TrainConfig.load(DEBUG, [f"output_dir={run.out}", *overrides]).resolved()
+
+
+def _peft_merged(run: Run) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The run's adapters folded by peft into a fresh base model (same seed), and a batch of its data."""
+    config = _lora_config(run)
+    stage = get_stage(config.stage)
+    processor = build_processor(config, run.out)
+    model = build_model(config, processor)
+    prepare_model(model, config, stage)
+    result = model.load_state_dict(run.trained, strict=False)
+    assert not result.unexpected_keys
+    data = build_data(config, stage, processor, rank=0)
+    batch = data.collate([data.dataset[i] for i in range(2)])
+    return merge_lora(model).eval(), {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def _optimizer_numel(checkpoint: Path) -> int:
+    """Values per optimizer moment in a checkpoint: FSDP's gathered state, or DeepSpeed's fp32 partitions."""
+    if (checkpoint / "optimizer.pt").is_file():
+        state = torch.load(checkpoint / "optimizer.pt", weights_only=False)["state"]
+        return sum(entry["exp_avg"].numel() for entry in state.values())
+    total = 0
+    for path in (checkpoint / "engine" / "state").glob("zero_pp_rank_*_optim_states.pt"):
+        state = torch.load(path, weights_only=False)["optimizer_state_dict"]
+        key = "fp32_flat_groups" if "fp32_flat_groups" in state else "single_partition_of_fp32_groups"
+        total += sum(t.numel() for t in state[key])
+    return total
+
+
+def _assert_lora_follows(run: Run, single_lora: Run) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Follows the 1-process run; adapters and resampler alone have optimizer state; the final folder is
+    peft's merge of the run's adapters. Returns that merged model and a batch."""
+    _assert_follows(run, single_lora)
+    trained = sum(t.numel() for t in run.trained.values())
+    assert all(n.startswith("resampler.") or ".lora_" in n for n in run.trained)
+    # frozen base weights get no optimizer state (ZeRO may pad its partitions a little)
+    checkpoint = run.out / "checkpoints" / f"step-{STEPS:06d}"
+    assert trained <= _optimizer_numel(checkpoint) <= trained * 1.01
+    for path in (checkpoint / "engine" / "state").glob("*model_states.pt"):  # DeepSpeed saves no base weights
+        assert sorted(torch.load(path, weights_only=False)["module"]) == sorted(run.trained)
+    merged, inputs = _peft_merged(run)
+    _assert_close_weights(run.final, {k: v.detach() for k, v in merged.state_dict().items()}, atol=0)
+    return merged, inputs
+
+
+@pytest.fixture(scope="module")
+def fsdp_lora(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _train(tmp_path_factory.mktemp("fsdp_lora"), 2, *LORA, *FSDP)
+
+
+def test_lora_on_fsdp_matches_one_process_and_resumes(
+    fsdp_lora: Run, single_lora: Run, tmp_path: Path
+) -> None:
+    _assert_lora_follows(fsdp_lora, single_lora)
+    _assert_resume_is_exact(fsdp_lora, tmp_path, *LORA, *FSDP)
+
+
+@needs_deepspeed
+def test_lora_on_deepspeed_zero2_matches_one_process(tmp_path: Path, single_lora: Run) -> None:
+    _assert_lora_follows(_train(tmp_path / "ds", 2, *LORA, *_deepspeed_args(tmp_path, 2)), single_lora)
+
+
+@needs_deepspeed
+def test_lora_on_deepspeed_zero3_matches_one_process_loads_and_resumes(
+    tmp_path: Path, single_lora: Run
+) -> None:
+    from llava_uhd.model import LlavaUHDForConditionalGeneration
+
+    args = [*LORA, *_deepspeed_args(tmp_path, 3)]
+    run = _train(tmp_path / "ds", 2, *args)
+    merged, inputs = _assert_lora_follows(run, single_lora)
+    # the saved folder loads as a plain model with the logits of the merged adapters
+    with torch.no_grad():
+        loaded = LlavaUHDForConditionalGeneration.from_pretrained(str(run.out / "final")).eval()
+        logits = loaded(**inputs).logits
+        reference = LlavaUHDForConditionalGeneration.from_pretrained(str(single_lora.out / "final")).eval()
+        torch.testing.assert_close(logits, merged(**inputs).logits, atol=0, rtol=0)
+        torch.testing.assert_close(logits, reference(**inputs).logits, atol=LOGITS_ATOL, rtol=0)
     _assert_resume_is_exact(run, tmp_path, *args)

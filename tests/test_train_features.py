@@ -6,7 +6,10 @@
   rounding of the matmuls: measured 3e-6 relative on the tiny model (random init: near-uniform logits),
   asserted at a loose ``BF16_LOSS_RTOL`` = 1e-3, and asserted to differ at all (autocast did run).
 * LoRA in stage 2 trains the resampler and the adapters only; the final folder holds the merged plain model,
-  which loads through the inference API and reproduces the adapter model's logits.
+  which loads through the inference API and reproduces the adapter model's logits. Adapters on anything but
+  a Linear layer are refused. (LoRA on FSDP and DeepSpeed: tests/test_distributed.py.)
+* The idle piece that sharded backends add to text-only micro-batches runs the vision path and changes
+  neither the loss nor any gradient: the resampler gets exact zeros.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llava_uhd.errors import ConfigError
 from llava_uhd.train.config import TrainConfig
 from llava_uhd.train.entry import FINAL_DIR, build_data, run_training
+from llava_uhd.train.idle_piece import IdlePiece
 from llava_uhd.train.loop import MODEL_INPUTS, token_loss_sum
 from llava_uhd.train.setup import build_model, build_processor, merge_lora, prepare_model
 from llava_uhd.train.stages import LANGUAGE, RESAMPLER, VISION, get_stage
@@ -167,3 +172,42 @@ def test_lora_final_model_loads_for_inference_with_merged_logits(lora_run) -> No
     assert processor.image_token_id == loaded.config.image_token_id
     torch.testing.assert_close(merged_logits, adapter_logits, atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(loaded_logits, merged_logits, atol=0, rtol=0)
+
+
+def test_lora_on_a_non_linear_layer_is_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path, "stage=stage2", "lora.r=2", "lora.target_modules=[embed_tokens]").resolved()
+    model = _initial_model(config)
+    with pytest.raises(ConfigError, match="only Linear layers"):
+        prepare_model(model, config, get_stage(config.stage))
+
+
+def _text_only_loss_and_grads(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    model.zero_grad(set_to_none=True)
+    loss, _ = token_loss_sum(model(**_inputs(batch)).logits, batch["labels"])
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_idle_piece_runs_the_vision_path_and_changes_no_gradient(tmp_path: Path) -> None:
+    config = _config(tmp_path, "stage=stage2", "data.synthetic_samples=3").resolved()
+    stage = get_stage(config.stage)
+    processor = build_processor(config, tmp_path)
+    model = build_model(config, processor)
+    prepare_model(model, config, stage)
+    data = build_data(config, stage, processor, rank=0)
+    batch = next(b for b in (data.collate([s]) for s in data.dataset) if "pixel_values" not in b)
+    calls: list[int] = []
+    model.resampler.register_forward_hook(lambda *_: calls.append(1))
+
+    plain_loss, plain = _text_only_loss_and_grads(model, batch)
+    assert not calls
+    idle_loss, idle = _text_only_loss_and_grads(model, IdlePiece.for_model(model).fill(batch))
+    assert calls == [1]  # the vision tower and the resampler ran
+    torch.testing.assert_close(idle_loss, plain_loss, atol=GRAD_ATOL, rtol=0)
+    for name, grad in idle.items():
+        if name.startswith(f"{RESAMPLER}."):
+            assert plain[name] is None and grad is not None and not grad.any(), name
+        else:
+            torch.testing.assert_close(grad, plain[name], atol=GRAD_ATOL, rtol=0, msg=name)

@@ -5,7 +5,7 @@ Layout of ``<output_dir>/checkpoints/step-000120/``::
     model.safetensors   trainable weights (gathered full tensors, rank 0)
     optimizer.pt        optimizer state (ddp; fsdp: the gathered full state, rank 0)
     scheduler.pt        LR scheduler state
-    engine/             DeepSpeed's own checkpoint (ZeRO-partitioned model + optimizer)
+    engine/             DeepSpeed's own checkpoint (ZeRO-partitioned trainable weights + optimizer)
     rng/rank{r}.pt      python, numpy, torch (and CUDA) generator states of every rank
     trainer_state.json  global step, epoch, step in epoch, samples seen, world size, batch geometry
     config.yaml         the resolved TrainConfig

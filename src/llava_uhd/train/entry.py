@@ -2,7 +2,7 @@
 
 The output folder holds ``checkpoints/`` (resumable), ``metrics.jsonl``, ``skipped.jsonl`` (bad samples
 with ``on_bad_sample: skip``), ``config.yaml`` (resolved) and ``final/``: the model and processor in the
-``save_pretrained`` format the inference code loads.
+``save_pretrained`` format the inference code loads (a plain model: LoRA adapters merged, on every backend).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from llava_uhd.train import parallel
 from llava_uhd.train.checkpointing import latest_checkpoint
 from llava_uhd.train.config import TrainConfig
 from llava_uhd.train.loop import TrainData, Trainer, TrainResult
-from llava_uhd.train.setup import build_model, build_processor, merge_lora, prepare_model
+from llava_uhd.train.lora import LoraLayout, check_plain_state, lora_layout, merge_lora_state, plain_model
+from llava_uhd.train.setup import build_model, build_processor, prepare_model
 from llava_uhd.train.stages import StageSpec, get_stage
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
     processor = build_processor(config, output)
     model = build_model(config, processor)
     trainable = prepare_model(model, config, stage)
+    layout = lora_layout(model)  # read before an engine wraps (and, on FSDP, renames) the modules
     logger.info(
         "stage %s: %d trainable tensors, %d parameters",
         stage.name,
@@ -121,19 +123,33 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
     data = build_data(config, stage, processor, rank)
     trainer = Trainer(config, model, data)
     result = trainer.fit(resume_from=resolve_resume(config, resume))
-    _save_final(trainer, model, processor, output / FINAL_DIR, rank)
+    _save_final(trainer, model, processor, output / FINAL_DIR, rank, layout)
     parallel.shutdown()
     return result
 
 
-def _save_final(trainer: Trainer, model: torch.nn.Module, processor: Any, folder: Path, rank: int) -> None:
-    """Model + processor in the ``save_pretrained`` format (full weights gathered on sharded backends)."""
+def _save_final(
+    trainer: Trainer,
+    model: torch.nn.Module,
+    processor: Any,
+    folder: Path,
+    rank: int,
+    layout: LoraLayout | None,
+) -> None:
+    """Model + processor in the ``save_pretrained`` format (full weights gathered on sharded backends).
+
+    With LoRA the adapters are folded into the gathered weights on rank 0 and saved under a meta-device
+    plain model (names and config only), so no process ever holds the merged model as a module.
+    """
     gathered = trainer.engine.full_state_dict()  # collective on FSDP / ZeRO-3: every rank calls it
     if rank == 0:
-        if any("lora_" in name for name in gathered):  # LoRA runs on ddp only: the module holds full weights
-            merge_lora(model).save_pretrained(str(folder))
-        else:
-            model.save_pretrained(str(folder), state_dict={k: v.cpu() for k, v in gathered.items()})
+        state = {k: v.cpu() for k, v in gathered.items()}
+        target = model
+        if layout is not None:
+            state = merge_lora_state(state, layout)
+            target = plain_model(model)
+            check_plain_state(state, target)
+        target.save_pretrained(str(folder), state_dict=state)
         processor.save_pretrained(str(folder))
         logger.info("final model saved to %s", folder)
     parallel.barrier()

@@ -5,7 +5,10 @@ Each optimiser step takes a global batch of G samples (DESIGN.md section 7: 256 
 the global batch*: each micro-batch contributes ``sum of its token losses * W / tokens in the global
 batch`` (the token count is summed over ranks before the first backward), and the engines sum
 micro-batches and average ranks. So a step's gradient does not depend on how the batch is split, and a
-2-process run follows a 1-process run with the same global batch up to float summation order.
+2-process run follows a 1-process run with the same global batch up to float summation order. That holds
+for stage 2's mix of image and text-only samples too: on sharded engines a text-only micro-batch carries an
+idle piece (:mod:`.idle_piece`) so that every rank runs the vision path, and every engine steps a
+parameter that no rank used with a zero gradient (:func:`.parallel.zero_missing_gradients`).
 
 Dimensions: B micro-batch, T text length, V vocabulary.
 """
@@ -34,6 +37,8 @@ from llava_uhd.train.checkpointing import (
     restore_rng,
 )
 from llava_uhd.train.config import TrainConfig
+from llava_uhd.train.idle_piece import IdlePiece
+from llava_uhd.train.lora import adapter_modules
 from llava_uhd.train.metrics import MetricsLogger
 from llava_uhd.train.optim import build_optimizer, build_scheduler
 
@@ -112,6 +117,9 @@ class Trainer:
         self.autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"
         )
+        # sharded engines need every rank to run the vision path in every forward (see .idle_piece)
+        sharded = self.config.backend != "ddp" and self.world_size > 1
+        self.idle_piece = IdlePiece.for_model(model) if sharded else None
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -126,7 +134,13 @@ class Trainer:
         if cfg.backend == "fsdp":
             if self.world_size < 2:
                 raise ConfigError("backend fsdp needs torchrun with 2 or more processes")
-            return parallel.FSDPEngine(self.module, make_optimizer, optim.max_grad_norm, self.device)
+            return parallel.FSDPEngine(
+                self.module,
+                make_optimizer,
+                optim.max_grad_norm,
+                self.device,
+                own_units=adapter_modules(self.module),
+            )
         if cfg.backend == "deepspeed":
             assert cfg.deepspeed_config is not None
             ds = parallel.deepspeed_config(
@@ -163,6 +177,12 @@ class Trainer:
                 torch.save(scheduler.state_dict(), folder / "scheduler.pt")
 
         return write
+
+    def _prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A collated micro-batch on the device, with an idle piece when a sharded engine needs one."""
+        if self.idle_piece is not None:
+            batch = self.idle_piece.fill(batch)
+        return _to_device(batch, self.device)
 
     def load_trainable(self, folder: Path) -> None:
         """Load a checkpoint's trainable weights into the (unwrapped) model."""
@@ -288,7 +308,7 @@ class Trainer:
         global_tokens = max(float(parallel.all_reduce_sum(local_tokens)), 1.0)
         loss_sum = torch.zeros(())
         for i, batch in enumerate(micro_batches):
-            batch = _to_device(batch, self.device)
+            batch = self._prepare(batch)
             with engine.no_sync(i == len(micro_batches) - 1), self.autocast:
                 logits = engine.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
                 summed, _ = token_loss_sum(logits, batch["labels"])
@@ -313,7 +333,7 @@ class Trainer:
         engine.model.eval()
         totals = torch.zeros(2)
         for batch in loader:
-            batch = _to_device(batch, self.device)
+            batch = self._prepare(batch)
             with self.autocast:
                 logits = engine.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
                 summed, count = token_loss_sum(logits, batch["labels"])

@@ -8,7 +8,9 @@ batch (see :mod:`llava_uhd.train.loop`), so every engine must *sum* micro-batche
 
 All four run on CPU under ``torchrun`` with gloo (tests/test_distributed.py): FSDP needs its ``device_id``
 spelled out there, and DeepSpeed is kept from JIT-compiling its shared-memory op (see
-:func:`skip_deepspeed_shm_op`).
+:func:`skip_deepspeed_shm_op`) and gathers the vision tower whole under ZeRO-3 (see
+:func:`gather_vision_tower_whole`). LoRA trains on all four; its adapters are folded into the gathered
+weights at the end (:mod:`llava_uhd.train.lora`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llava_uhd.errors import ConfigError
+from llava_uhd.train.stages import VISION
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -59,6 +63,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def zero_missing_gradients(params: list[nn.Parameter]) -> None:
+    """Give a zero gradient to the trainable parameters that no rank used in this step.
+
+    torch's AdamW skips a parameter whose gradient is None (no momentum step, no weight decay), so its
+    update would hang on whether its module happened to run, e.g. the resampler in a global batch of
+    text-only samples. Sharded engines cannot skip: ZeRO steps flat buffers, and FSDP units always get a
+    gradient because every rank runs every unit (:mod:`llava_uhd.train.idle_piece`). With zeros a step
+    means the same on all four engines, so 2-process sharded runs follow 1-process runs.
+    """
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+
+
 class Engine:
     """One process or DDP: gradients of non-final micro-batches stay local (``no_sync``)."""
 
@@ -91,8 +109,9 @@ class Engine:
     def step(self) -> float | None:
         """Clip, update, clear gradients; return the pre-clip gradient norm (None when not clipping)."""
         norm = None
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        zero_missing_gradients(params)
         if self.max_grad_norm is not None:
-            params = [p for p in self.module.parameters() if p.requires_grad]
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=False))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,7 +155,9 @@ class FSDPEngine(Engine):
 
     ``use_orig_params`` lets frozen and trainable parameters share a unit's flat buffer (stage 1 freezes
     most of every block). ``device_id`` is given explicitly because FSDP otherwise refuses CPU-only
-    machines; on CPU the collectives run on gloo.
+    machines; on CPU the collectives run on gloo. ``own_units`` become units of their own inside their
+    block: LoRA adapters, so that a frozen decoder layer holds no gradient (a unit's gradient spans its
+    whole flat buffer, frozen weights included, which would cost LoRA a full model's worth of gradients).
     """
 
     def __init__(
@@ -145,18 +166,21 @@ class FSDPEngine(Engine):
         optimizer_factory: Any,
         max_grad_norm: float | None,
         device: torch.device,
+        own_units: Sequence[nn.Module] = (),
     ) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from torch.distributed.fsdp.wrap import CustomPolicy
 
         self.max_grad_norm = max_grad_norm
         self.module = model
         # Offloading full states to CPU is for GPU runs; with CPU parameters FSDP's "offload" frees the
         # unsharded buffer that the returned tensors still view, and reading them segfaults (torch 2.13).
         self.offload = device.type != "cpu"
+        blocks = tuple(fsdp_wrap_classes(model))
+        singled_out = {id(m) for m in own_units}
         self.model = FSDP(
             model,
-            auto_wrap_policy=ModuleWrapPolicy(fsdp_wrap_classes(model)),
+            auto_wrap_policy=CustomPolicy(lambda m: isinstance(m, blocks) or id(m) in singled_out),
             use_orig_params=True,
             device_id=device,
         )
@@ -225,6 +249,22 @@ def skip_deepspeed_shm_op() -> None:
     deepspeed.ops.__compatible_ops__[DEEPSPEED_SHM_OP] = False
 
 
+def gather_vision_tower_whole(model: nn.Module) -> None:
+    """Make ZeRO-3 gather the vision tower as one unit instead of hooking each of its submodules (CPU runs).
+
+    ZeRO-3 hooks every submodule, records the order they run in, and gathers (and prefetches) weights by
+    that record, each rank by its own. On CPU the ViT's inference path calls its norm and activation
+    modules once per chunk of patches (``model/vision.py``), a count that depends on the micro-batch, so
+    the ranks' records disagree, their all-gathers stop lining up and the run hangs. A ZeRO-3 "leaf"
+    module is gathered whole when entered and not traced inside. GPU runs take the ViT's plain path.
+    """
+    from deepspeed.utils import set_z3_leaf_module
+
+    tower = getattr(model, VISION, None)
+    if isinstance(tower, nn.Module):
+        set_z3_leaf_module(tower, True)
+
+
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO via ``deepspeed.initialize``; it accumulates, clips and reduces by its JSON config."""
 
@@ -233,6 +273,7 @@ class DeepSpeedEngine(Engine):
 
         if next(model.parameters()).device.type == "cpu":
             skip_deepspeed_shm_op()
+            gather_vision_tower_whole(model)
         self.module = model
         self.max_grad_norm = ds_config.get("gradient_clipping")
         self.accumulation = int(ds_config["gradient_accumulation_steps"])
@@ -254,18 +295,31 @@ class DeepSpeedEngine(Engine):
         return None if norm is None else float(norm)
 
     def full_state_dict(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Full CPU tensors on rank 0 ({} elsewhere), gathered one parameter at a time.
+
+        ZeRO-3 partitions every parameter; gathering one at a time and copying it to rank 0's memory
+        never holds more than one full parameter on a device, where gathering the whole module at once
+        would briefly hold the whole model on every rank. ZeRO-2 parameters are whole already (no-op).
+        """
         import deepspeed
 
-        params = dict(self.module.named_parameters())
-        wanted = list(params) if names is None else names
-        # ZeRO-3 partitions parameters: gather each one to read its full value (no-op for ZeRO-2)
-        with deepspeed.zero.GatheredParameters([params[n] for n in wanted], modifier_rank=None):
-            if names is not None:
-                return {n: params[n].detach().clone() for n in names}
-            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        state = self.module.state_dict(keep_vars=True)  # ZeRO-3: parameters as empty placeholders
+        wanted = list(state) if names is None else [n for n in names if n in state]
+        is_main = not dist.is_initialized() or dist.get_rank() == 0
+        full: dict[str, torch.Tensor] = {}
+        for name in wanted:
+            tensor = state[name]  # a parameter, or a buffer (never partitioned)
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                if is_main:
+                    full[name] = tensor.detach().cpu().clone()
+        return full
 
     def save(self, folder: Path, rank: int) -> None:
-        self.model.save_checkpoint(str(folder / "engine"), tag="state", save_latest=False)
+        # Frozen weights are rebuilt from the model source on resume, like on the other backends; saving
+        # them would write the whole base model (twice on ZeRO-2: module and "frozen fragments") per save.
+        self.model.save_checkpoint(
+            str(folder / "engine"), tag="state", save_latest=False, exclude_frozen_parameters=True
+        )
 
     def load(self, folder: Path, rank: int) -> None:
         path, _ = self.model.load_checkpoint(str(folder / "engine"), tag="state", load_module_strict=False)

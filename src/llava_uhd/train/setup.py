@@ -20,6 +20,7 @@ from llava_uhd.config import Preset, get_preset
 from llava_uhd.errors import ConfigError
 from llava_uhd.train.checkpointing import MODEL_FILE, STATE_FILE, latest_checkpoint
 from llava_uhd.train.config import TrainConfig
+from llava_uhd.train.lora import add_lora
 from llava_uhd.train.stages import LANGUAGE, RESAMPLER, StageSpec, apply_stage
 
 logger = logging.getLogger(__name__)
@@ -121,17 +122,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, stage: StageSpec) -> li
         logger.info("resampler initialised from %s (%d tensors)", config.model.init_from, len(weights))
     lora = config.lora.r > 0
     if lora:
-        if config.backend != "ddp":
-            raise ConfigError(f"LoRA is supported with backend ddp, got {config.backend!r}")
-        from peft import LoraConfig, get_peft_model
-
-        peft_config = LoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=list(config.lora.target_modules),
-        )
-        setattr(model, LANGUAGE, get_peft_model(getattr(model, LANGUAGE), peft_config))
+        add_lora(model, config.lora)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return apply_stage(model, stage, train_vit=config.train_vit, lora=lora)
@@ -151,7 +142,11 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold LoRA adapters into the LLM so the saved model is a plain LlavaUHD folder."""
+    """Fold LoRA adapters into the LLM in place with peft (a model held whole in one process).
+
+    The final save folds a gathered state dict instead (:func:`llava_uhd.train.lora.merge_lora_state`),
+    which works on every backend; this is the reference it must agree with.
+    """
     language = getattr(model, LANGUAGE)
     if hasattr(language, "merge_and_unload"):
         setattr(model, LANGUAGE, language.merge_and_unload())
