@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -63,12 +64,36 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a (torchrun) command to success; on a hang stop it, its workers included, and fail."""
+    with subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.terminate()  # torchrun passes SIGTERM on to its workers (each in a session of its own)
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+            pytest.fail(f"{' '.join(cmd[-8:])} ran past {RUN_TIMEOUT_S} s (a collective hung?)")
+    assert process.returncode == 0, stderr[-4000:]
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
 def _train(out: Path, nproc: int, *extra: str) -> Run:
     args = ["-m", "llava_uhd.cli", "train", "--config", str(DEBUG), "--set", f"output_dir={out}", *COMMON]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, *(launcher if nproc > 1 else []), *args, *extra]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = _run(cmd)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     checkpoint = sorted((out / "checkpoints").glob("step-*"))[-1]
     return Run(
@@ -254,3 +279,23 @@ def test_lora_on_deepspeed_zero3_matches_one_process_loads_and_resumes(
         torch.testing.assert_close(logits, merged(**inputs).logits, atol=0, rtol=0)
         torch.testing.assert_close(logits, reference(**inputs).logits, atol=LOGITS_ATOL, rtol=0)
     _assert_resume_is_exact(run, tmp_path, *args)
+
+
+def _eval_losses(out: Path, nproc: int, *extra: str) -> list[float]:
+    """Run one step with an eval after it; the eval losses rank 0 logged."""
+    args = [*extra, "--set", "max_steps=1", "--set", "eval_every=1", "--set", "data.synthetic_eval_samples=3"]
+    args += ["--set", "micro_batch_size=1"]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), "-m", "llava_uhd.cli", "train"]
+    cmd += ["--config", str(DEBUG), "--set", f"output_dir={out}", *args]
+    _run(cmd)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in records if "eval_loss" in r]
+
+
+def test_fsdp_eval_with_batches_that_do_not_divide_over_ranks(tmp_path: Path) -> None:
+    """3 eval batches on 2 ranks: the rank with one batch runs it again uncounted (FSDP gathers weights
+    inside every forward, so uneven counts would hang), and the loss is the 1-process one."""
+    fsdp = _eval_losses(tmp_path / "fsdp", 2, "--set", "backend=fsdp")
+    single = _eval_losses(tmp_path / "single", 1)
+    assert len(single) >= 1 and fsdp == pytest.approx(single, rel=LOSS_RTOL)

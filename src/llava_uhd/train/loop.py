@@ -118,8 +118,8 @@ class Trainer:
             self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"
         )
         # sharded engines need every rank to run the vision path in every forward (see .idle_piece)
-        sharded = self.config.backend != "ddp" and self.world_size > 1
-        self.idle_piece = IdlePiece.for_model(model) if sharded else None
+        self.sharded = self.config.backend != "ddp" and self.world_size > 1
+        self.idle_piece = IdlePiece.for_model(model) if self.sharded else None
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -323,21 +323,28 @@ class Trainer:
         dataset = self.data.eval_dataset
         m = self.config.micro_batch_size
         batches = [list(range(s, min(s + m, len(dataset)))) for s in range(0, len(dataset), m)]
+        mine = batches[self.rank :: self.world_size]
+        counted = len(mine)
+        if self.sharded:
+            # FSDP and ZeRO-3 gather weights inside every forward, so every rank must run as many forwards
+            # as the others: a rank short of a batch runs one again and leaves it out of the totals.
+            mine += batches[:1] * (-(-len(batches) // self.world_size) - counted)
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=batches[self.rank :: self.world_size],
+            batch_sampler=mine,
             collate_fn=self.data.collate,
             num_workers=self.config.data.num_workers,
             generator=torch.Generator().manual_seed(self.config.seed),
         )
         engine.model.eval()
         totals = torch.zeros(2)
-        for batch in loader:
+        for index, batch in enumerate(loader):
             batch = self._prepare(batch)
             with self.autocast:
                 logits = engine.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
                 summed, count = token_loss_sum(logits, batch["labels"])
-            totals += torch.stack([summed.float().cpu(), count.float().cpu()])
+            if index < counted:
+                totals += torch.stack([summed.float().cpu(), count.float().cpu()])
         engine.model.train()
         totals = parallel.all_reduce_sum(totals)
         return float(totals[0] / totals[1].clamp_min(1.0))
