@@ -31,8 +31,9 @@ from safetensors.torch import load_file
 from llava_uhd.train.config import TrainConfig
 from llava_uhd.train.entry import build_data
 from llava_uhd.train.loop import MODEL_INPUTS
-from llava_uhd.train.setup import build_model, build_processor, merge_lora, prepare_model
+from llava_uhd.train.setup import build_model, build_processor, prepare_model
 from llava_uhd.train.stages import get_stage
+from test_train_features import merge_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "train" / "debug-cpu.yaml"
@@ -64,8 +65,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run a (torchrun) command to success; on a hang stop it, its workers included, and fail."""
+def _launch(out: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``llava-uhd train`` on the debug config (under torchrun when ``nproc`` > 1) run to success; on a hang
+    stop it, its workers included, and fail. ``extra`` overrides come last, so they win over COMMON."""
+    args = ["-m", "llava_uhd.cli", "train", "--config", str(DEBUG), "--set", f"output_dir={out}", *COMMON]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), *args, *extra]
     with subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -89,12 +94,13 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _train(out: Path, nproc: int, *extra: str) -> Run:
-    args = ["-m", "llava_uhd.cli", "train", "--config", str(DEBUG), "--set", f"output_dir={out}", *COMMON]
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *(launcher if nproc > 1 else []), *args, *extra]
-    done = _run(cmd)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    done = _launch(out, nproc, *extra)
+    records = _metrics(out)
     checkpoint = sorted((out / "checkpoints").glob("step-*"))[-1]
     return Run(
         out,
@@ -283,14 +289,18 @@ def test_lora_on_deepspeed_zero3_matches_one_process_loads_and_resumes(
 
 def _eval_losses(out: Path, nproc: int, *extra: str) -> list[float]:
     """Run one step with an eval after it; the eval losses rank 0 logged."""
-    args = [*extra, "--set", "max_steps=1", "--set", "eval_every=1", "--set", "data.synthetic_eval_samples=3"]
-    args += ["--set", "micro_batch_size=1"]
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *(launcher if nproc > 1 else []), "-m", "llava_uhd.cli", "train"]
-    cmd += ["--config", str(DEBUG), "--set", f"output_dir={out}", *args]
-    _run(cmd)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["eval_loss"] for r in records if "eval_loss" in r]
+    _launch(
+        out,
+        nproc,
+        *extra,
+        "--set",
+        "max_steps=1",
+        "--set",
+        "eval_every=1",
+        "--set",
+        "data.synthetic_eval_samples=3",
+    )
+    return [r["eval_loss"] for r in _metrics(out) if "eval_loss" in r]
 
 
 def test_fsdp_eval_with_batches_that_do_not_divide_over_ranks(tmp_path: Path) -> None:

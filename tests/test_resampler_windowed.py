@@ -18,6 +18,23 @@ from llava_uhd.model.windows import pooled_size
 
 KV_DIM, EMBED_DIM, HEADS = 24, 32, 4
 CONFIG = ResamplerConfig(kind="windowed", num_queries=144, num_heads=HEADS)
+# Both resamplers' parameter names: those of the released checkpoint (DESIGN.md section 5).
+RESAMPLER_PARAMETERS = {
+    "query",
+    "pos_embed",
+    "kv_proj.weight",
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ln_q.weight",
+    "ln_q.bias",
+    "ln_kv.weight",
+    "ln_kv.bias",
+    "ln_post.weight",
+    "ln_post.bias",
+    "proj",
+}
 
 # (rows, cols) feature maps whose aspect ratio selects each of the seven pooled sizes, and the
 # (height, width) expected: the candidate (w, h) nearest in log aspect ratio.
@@ -181,22 +198,7 @@ def test_matches_independent_reference():
 def test_heads_default_to_hidden_over_128():
     model = build_resampler(ResamplerConfig(kind="windowed", num_queries=144, num_heads=None), 16, 256)
     assert model.attn.num_heads == 2  # 256 // 128, the released checkpoint's rule
-    assert {name for name, _ in model.named_parameters()} == {
-        "query",
-        "pos_embed",
-        "kv_proj.weight",
-        "attn.in_proj_weight",
-        "attn.in_proj_bias",
-        "attn.out_proj.weight",
-        "attn.out_proj.bias",
-        "ln_q.weight",
-        "ln_q.bias",
-        "ln_kv.weight",
-        "ln_kv.bias",
-        "ln_post.weight",
-        "ln_post.bias",
-        "proj",
-    }
+    assert {name for name, _ in model.named_parameters()} == RESAMPLER_PARAMETERS
 
 
 def test_bfloat16_runs_and_pools_in_float32():

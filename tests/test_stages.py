@@ -14,29 +14,12 @@ from llava_uhd.errors import ConfigError
 from llava_uhd.train.config import TrainConfig, apply_overrides
 from llava_uhd.train.optim import build_optimizer, build_scheduler, decays, parameter_groups, warmup_steps
 from llava_uhd.train.stages import STAGES, apply_stage, get_stage
+from test_resampler_windowed import RESAMPLER_PARAMETERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The resampler's parameters (DESIGN.md section 5; names follow the released checkpoint).
-RESAMPLER = {
-    f"resampler.{n}"
-    for n in (
-        "query",
-        "pos_embed",
-        "kv_proj.weight",
-        "attn.in_proj_weight",
-        "attn.in_proj_bias",
-        "attn.out_proj.weight",
-        "attn.out_proj.bias",
-        "ln_q.weight",
-        "ln_q.bias",
-        "ln_kv.weight",
-        "ln_kv.bias",
-        "ln_post.weight",
-        "ln_post.bias",
-        "proj",
-    )
-}
+RESAMPLER = {f"resampler.{n}" for n in RESAMPLER_PARAMETERS}
 _LAYER = (
     "self_attn.q_proj.weight",
     "self_attn.k_proj.weight",

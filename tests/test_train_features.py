@@ -28,7 +28,7 @@ from llava_uhd.train.config import TrainConfig
 from llava_uhd.train.entry import FINAL_DIR, build_data, run_training
 from llava_uhd.train.idle_piece import IdlePiece
 from llava_uhd.train.loop import MODEL_INPUTS, token_loss_sum
-from llava_uhd.train.setup import build_model, build_processor, merge_lora, prepare_model
+from llava_uhd.train.setup import build_model, build_processor, prepare_model
 from llava_uhd.train.stages import LANGUAGE, RESAMPLER, VISION, get_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,13 @@ BF16_LOSS_RTOL = 1e-3  # loose: bf16 keeps 8 mantissa bits (~4e-3 relative per v
 LOGITS_ATOL = 1e-5  # merged W + s*B@A versus the adapter path W x + s*B(A x): float32 reassociation only
 LORA_RANK = 4
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # LoraConfig's default target_modules
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """peft's own in-place merge of the LLM's adapters: the reference the final save's state-dict fold
+    (llava_uhd.train.lora.merge_lora_state) must agree with."""
+    setattr(model, LANGUAGE, getattr(model, LANGUAGE).merge_and_unload())
+    return model
 
 
 def _config(out: Path, *overrides: str) -> TrainConfig:

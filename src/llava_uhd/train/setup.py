@@ -21,7 +21,7 @@ from llava_uhd.errors import ConfigError
 from llava_uhd.train.checkpointing import MODEL_FILE, STATE_FILE, latest_checkpoint
 from llava_uhd.train.config import TrainConfig
 from llava_uhd.train.lora import add_lora
-from llava_uhd.train.stages import LANGUAGE, RESAMPLER, StageSpec, apply_stage
+from llava_uhd.train.stages import RESAMPLER, StageSpec, apply_stage
 
 logger = logging.getLogger(__name__)
 
@@ -139,15 +139,3 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold LoRA adapters into the LLM in place with peft (a model held whole in one process).
-
-    The final save folds a gathered state dict instead (:func:`llava_uhd.train.lora.merge_lora_state`),
-    which works on every backend; this is the reference it must agree with.
-    """
-    language = getattr(model, LANGUAGE)
-    if hasattr(language, "merge_and_unload"):
-        setattr(model, LANGUAGE, language.merge_and_unload())
-    return model
