@@ -109,8 +109,19 @@ class VisionConfig:
     use_pre_layernorm: bool = True
     feature_layer: int = -2  # hidden state fed to the resampler; -2 is the second-to-last layer
     patch_bias: bool = False  # CLIP's patch embedding has no bias; SigLIP's does
+    # "patch": CLIP's linear patch embedding. "conv": a small convolutional stem with the same overall
+    # stride (one token per patch), for towers trained from scratch (llava_uhd.model.stem).
+    stem: Literal["patch", "conv"] = "patch"
+    stem_channels: tuple[int, int] = (32, 64)
+    center_pieces: bool = False  # subtract each piece's mean pixel before the stem (near-white pages)
 
     def __post_init__(self) -> None:
+        _check(self.stem in ("patch", "conv"), f"vision stem must be 'patch' or 'conv', got {self.stem!r}")
+        object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
+        _check(
+            len(self.stem_channels) == 2 and all(c >= 1 for c in self.stem_channels),
+            f"vision stem_channels must be two positive widths, got {self.stem_channels!r}",
+        )
         _check(
             self.hidden_size % self.num_heads == 0,
             f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}",
@@ -339,7 +350,39 @@ TINY = Preset(
     ),
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, OFFICIAL_V1, TINY)}
+# The bundled demo model (llava_uhd.synth.synthdoc): the paper's slicing geometry and resampler design at
+# toy width. Its tower is trained from scratch (stage 0) with a conv stem and per-piece centring, and its
+# Llama from scratch on synthdoc's words (a 512-entry byte-level BPE, saved beside the weights).
+SYNTHDOC = Preset(
+    name="synthdoc",
+    slicing=SlicingConfig(max_slices=6),
+    vision=VisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=4,
+        hidden_act="gelu",
+        feature_layer=-1,  # a tower trained for its heads: its last layer is the one they read
+        stem="conv",
+        center_pieces=True,
+    ),
+    resampler=ResamplerConfig(kind="perceiver", num_queries=36, num_heads=4),
+    text=TextConfig(
+        config={
+            "model_type": "llama",
+            "hidden_size": 192,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "vocab_size": 512,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": True,
+        }
+    ),
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, OFFICIAL_V1, TINY, SYNTHDOC)}
 
 
 def get_preset(name: str) -> Preset:

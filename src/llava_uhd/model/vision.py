@@ -31,6 +31,7 @@ from llava_uhd.config import VisionConfig
 from llava_uhd.errors import ConfigError
 from llava_uhd.model.attention import PackedAttention, PaddedAttention, cu_seqlens
 from llava_uhd.model.pos_embed import resize_grid_table
+from llava_uhd.model.stem import ConvStem, center_pieces
 
 PADDED = "padded"  # every piece padded to the pre-training grid: the baseline of benchmarks/vision.py
 # Most rows per chunk of whole pieces when a block runs without autograd on CPU. At ViT-L width the
@@ -176,7 +177,9 @@ class VisionTransformer(nn.Module):
         self.config = config
         d = config.hidden_size
         self.num_prefix = 1 if config.use_cls_token else 0
-        self.patch_embed = PatchEmbed(config)
+        # exactly one of the two front ends exists, so state dicts name only real parameters
+        self.patch_embed = PatchEmbed(config) if config.stem == "patch" else None
+        self.stem = ConvStem(config) if config.stem == "conv" else None
         self.cls_token = nn.Parameter(torch.randn(d) * d**-0.5) if config.use_cls_token else None
         self.pos_embed = nn.Parameter(torch.randn(config.grid_side**2 + self.num_prefix, d) * 0.02)
         self.pre_norm = (
@@ -266,7 +269,13 @@ class VisionTransformer(nn.Module):
         self, pixel_values: torch.Tensor, piece_grids: torch.Tensor, layout: PackedLayout
     ) -> torch.Tensor:
         """Patch embedding + resized positions (+ CLS with its own position row), packed, after pre-LN: (L, D)."""
-        patches = self.patch_embed(pixel_values, self.position_embeddings(piece_grids))  # (Pt, D)
+        if self.config.center_pieces:
+            pixel_values = center_pieces(pixel_values, piece_grids, self.config.num_channels)
+        positions = self.position_embeddings(piece_grids)
+        if self.stem is not None:
+            patches = self.stem(pixel_values, piece_grids) + positions  # (Pt, D)
+        else:
+            patches = self.patch_embed(pixel_values, positions)  # (Pt, D)
         # Written straight into packed order: at ~26k tokens every extra (L, D) temporary is ~100 MB.
         tokens = patches.new_zeros(layout.num_tokens, patches.shape[1])  # pad rows ("padded") stay zero
         tokens[layout.patch_slots] = patches

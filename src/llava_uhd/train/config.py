@@ -36,7 +36,8 @@ class ModelSource:
 
     ``tokenizer`` is a tokenizer folder; ``None`` means the LLM folder's (or the built-in test tokenizer
     for a preset). ``init_from`` is a stage-1 checkpoint or saved model whose resampler weights start
-    this run (stage 2 of the paper starts from stage 1's resampler).
+    this run (stage 2 of the paper starts from stage 1's resampler); ``init_modules`` names the top-level
+    modules it copies (e.g. ``[vision_tower]`` to start from a stage-0 tower).
     """
 
     preset: str = "tiny"
@@ -45,8 +46,11 @@ class ModelSource:
     text_path: str | None = None
     tokenizer: str | None = None
     init_from: str | None = None
+    init_modules: tuple[str, ...] = ("resampler",)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "init_modules", tuple(self.init_modules))
+        _check(bool(self.init_modules), "model.init_modules must name at least one module")
         _check(
             (self.vision_path is None) == (self.text_path is None),
             f"model.vision_path and model.text_path go together, got {self.vision_path!r} and {self.text_path!r}",
@@ -71,8 +75,14 @@ class DataConfig:
     group_by_length: bool = True
     num_workers: int = 0
     on_bad_sample: BadSamplePolicy = "error"
+    # which pieces of each image to feed; None: the stage's (stage 1 of the paper feeds the overview alone)
+    pieces: Literal["overview", "all"] | None = None
 
     def __post_init__(self) -> None:
+        _check(
+            self.pieces in (None, "overview", "all"),
+            f"data.pieces must be overview, all or null, got {self.pieces!r}",
+        )
         _check(
             self.train is not None or self.synthetic_samples > 0,
             "data.train (a LLaVA JSON/JSONL file) or data.synthetic_samples > 0 is required",
@@ -130,6 +140,28 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class DenseConfig:
+    """Stage 0 (vision pretraining on synthdoc pages, :mod:`llava_uhd.train.dense_stage`)."""
+
+    windows: int = 24  # windows around characters per page
+    window_patches: int = 8  # window side in patches
+    full_page_every: int = 8  # every n-th page also trains on all of its pieces whole (0: never)
+    no_glyph_weight: float = 0.03  # weight of the "no character here" class: most sub-cells hold none
+    colour_weight: float = 0.5
+    colour_jitter: int = 12  # border colour jitter of training pages, in levels per channel
+    probe_documents: int = 40  # held-out pages the probe reads at every evaluation
+
+    def __post_init__(self) -> None:
+        for name in ("windows", "full_page_every", "colour_jitter", "probe_documents"):
+            _check(getattr(self, name) >= 0, f"dense.{name} must be >= 0, got {getattr(self, name)!r}")
+        _check(self.window_patches >= 1, f"dense.window_patches must be >= 1, got {self.window_patches!r}")
+        _check(
+            self.no_glyph_weight > 0 and self.colour_weight >= 0,
+            f"dense weights must be positive, got {self.no_glyph_weight!r}, {self.colour_weight!r}",
+        )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole training run. See the module docstring; ``None`` fields come from the stage recipe."""
 
@@ -139,6 +171,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(synthetic_samples=16))
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
     global_batch_size: int | None = None  # samples per optimiser step over all ranks
     micro_batch_size: int = 1  # samples per forward on one rank
     epochs: int = 1
@@ -146,6 +179,11 @@ class TrainConfig:
     train_vit: bool = (
         False  # the paper's text says the ViT is updated in stage 2; the released code freezes it
     )
+    # train the LLM in stage 1 too: a language model trained from scratch learns its words on the captions
+    train_llm: bool = False
+    # keep the frozen tower's features of every piece in memory: later epochs skip the tower (exact)
+    cache_vision_features: bool = False
+    feature_cache_dir: str | None = None  # keep the cached features there for later runs (stage 2)
     gradient_checkpointing: bool = False
     mixed_precision: MixedPrecision = "no"
     backend: Backend = "ddp"  # ddp also covers one process
@@ -260,6 +298,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "optim": OptimConfig,
     "lora": LoraConfig,
+    "dense": DenseConfig,
 }
 
 

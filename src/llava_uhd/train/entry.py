@@ -55,7 +55,7 @@ def build_data(config: TrainConfig, stage: StageSpec, processor: Any, rank: int)
         "processor": processor,
         "template": template,
         "max_length": data.max_length,
-        "overview_only": stage.pieces == "overview",
+        "overview_only": (data.pieces or stage.pieces) == "overview",
         "on_bad_sample": data.on_bad_sample,
         "seed": config.seed,
     }
@@ -110,9 +110,16 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(config.to_yaml())
     parallel.barrier()
+    if stage.task == "dense_vision":
+        return _run_dense(config, stage, resume, output, rank)
     processor = build_processor(config, output)
     model = build_model(config, processor)
     trainable = prepare_model(model, config, stage)
+    cache = None
+    if config.cache_vision_features:
+        from llava_uhd.train.feature_cache import FrozenFeatureCache
+
+        cache = FrozenFeatureCache(model.vision_tower, config.feature_cache_dir).install()
     layout = lora_layout(model)  # read before an engine wraps (and, on FSDP, renames) the modules
     logger.info(
         "stage %s: %d trainable tensors, %d parameters",
@@ -123,7 +130,32 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
     data = build_data(config, stage, processor, rank)
     trainer = Trainer(config, model, data)
     result = trainer.fit(resume_from=resolve_resume(config, resume))
+    if cache is not None:
+        logger.info("feature cache: %d hits, %d misses", cache.hits, cache.misses)
+        if rank == 0:
+            cache.save()
     _save_final(trainer, model, processor, output / FINAL_DIR, rank, layout)
+    parallel.shutdown()
+    return result
+
+
+def _run_dense(
+    config: TrainConfig, stage: StageSpec, resume: bool | str | Path, output: Path, rank: int
+) -> TrainResult:
+    """Stage 0: the preset's vision tower and dense heads on synthdoc pages; ``final/`` holds both."""
+    from llava_uhd.config import get_preset
+    from llava_uhd.train import dense_stage
+
+    preset = get_preset(config.model.preset)
+    torch.manual_seed(config.seed)
+    model = dense_stage.build_model(preset.vision)
+    trainable = prepare_model(model, config, stage)
+    logger.info("stage %s: %d trainable tensors", stage.name, len(trainable))
+    trainer = Trainer(config, model, dense_stage.build_data(config, preset.slicing))
+    result = trainer.fit(resume_from=resolve_resume(config, resume))
+    gathered = trainer.engine.full_state_dict()
+    if rank == 0:
+        dense_stage.save_final(gathered, preset, output / FINAL_DIR)
     parallel.shutdown()
     return result
 

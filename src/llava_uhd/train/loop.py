@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,6 +48,30 @@ IGNORE_INDEX = -100  # label of positions without loss (prompt, image placeholde
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "piece_grids")
 
 
+class Objective(Protocol):
+    """What a step minimises: a loss summed over a micro-batch's supervised units, and their count.
+
+    The loop divides the sums by the count over the whole global batch (see the module docstring).
+    """
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+    def loss_sum(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class TokenObjective:
+    """Next-token cross-entropy over the supervised (assistant) tokens: stages 1 and 2."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return supervised_tokens(batch)
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+        return token_loss_sum(logits, batch["labels"])
+
+
 @dataclass
 class TrainData:
     """What the loop needs from the data side (built by :mod:`llava_uhd.train.entry`)."""
@@ -57,6 +81,9 @@ class TrainData:
     lengths: Sequence[int] | None = None  # for length grouping; None = plain shuffle
     eval_dataset: Any | None = None
     skipped: Callable[[], int] = field(default=lambda: 0)  # samples skipped so far (all workers)
+    objective: Objective = field(default_factory=TokenObjective)
+    # extra metrics logged with every evaluation (stage 0's glyph probe), computed on rank 0's model
+    eval_metrics: Callable[[nn.Module], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -304,14 +331,14 @@ class Trainer:
         self, engine: parallel.Engine, micro_batches: list[dict[str, torch.Tensor]]
     ) -> tuple[float, float | None]:
         """One optimiser step over this rank's micro-batches; returns (global mean token loss, grad norm)."""
-        local_tokens = torch.tensor(float(sum(supervised_tokens(b) for b in micro_batches)))
+        objective = self.data.objective
+        local_tokens = torch.tensor(float(sum(objective.count(b) for b in micro_batches)))
         global_tokens = max(float(parallel.all_reduce_sum(local_tokens)), 1.0)
         loss_sum = torch.zeros(())
         for i, batch in enumerate(micro_batches):
             batch = self._prepare(batch)
             with engine.no_sync(i == len(micro_batches) - 1), self.autocast:
-                logits = engine.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
-                summed, _ = token_loss_sum(logits, batch["labels"])
+                summed, _ = objective.loss_sum(engine.model, batch)
             engine.backward(summed * self.world_size / global_tokens)
             loss_sum += summed.detach().float().cpu()
         grad_norm = engine.step()
@@ -341,8 +368,7 @@ class Trainer:
         for index, batch in enumerate(loader):
             batch = self._prepare(batch)
             with self.autocast:
-                logits = engine.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
-                summed, count = token_loss_sum(logits, batch["labels"])
+                summed, count = self.data.objective.loss_sum(engine.model, batch)
             if index < counted:
                 totals += torch.stack([summed.float().cpu(), count.float().cpu()])
         engine.model.train()
@@ -351,7 +377,10 @@ class Trainer:
 
     def _eval_and_log(self, engine: parallel.Engine, metrics: MetricsLogger, state: TrainerState) -> float:
         loss = self.evaluate(engine)
-        metrics.log(state.global_step, state.samples_seen, eval_loss=loss)
+        extra = {}
+        if self.data.eval_metrics is not None and self.rank == 0:
+            extra = self.data.eval_metrics(self.module)
+        metrics.log(state.global_step, state.samples_seen, eval_loss=loss, **extra)
         metrics.reset_clock(state.samples_seen)
         return loss
 

@@ -29,11 +29,14 @@ class MetricsLogger:
         self._file = None
         self._last_time = time.perf_counter()
         self._last_samples = 0
+        self._wall_start = time.perf_counter()
         if not enabled:
             return
         from tqdm.auto import tqdm
 
         output_dir.mkdir(parents=True, exist_ok=True)
+        # wall_s counts training time over every resumed part of a run (for accuracy-against-time curves)
+        self._wall_start -= _last_wall_time(output_dir / METRICS_FILE)
         # append: a resumed run continues the same file
         self._file = (output_dir / METRICS_FILE).open("a", encoding="utf-8")
         self._bar = tqdm(
@@ -50,7 +53,12 @@ class MetricsLogger:
         """Record the metrics of optimiser step ``step``; adds samples/s since the previous call."""
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
-        record = {"step": step, **values, "samples_per_s": (samples_seen - self._last_samples) / elapsed}
+        record = {
+            "step": step,
+            **values,
+            "samples_per_s": (samples_seen - self._last_samples) / elapsed,
+            "wall_s": round(now - self._wall_start, 3),
+        }
         self._last_time, self._last_samples = now, samples_seen
         if not self.enabled:
             return record
@@ -80,3 +88,16 @@ class MetricsLogger:
         for thing in (self._bar, self._writer, self._file):
             if thing is not None:
                 thing.close()
+
+
+def _last_wall_time(path: Path) -> float:
+    """The ``wall_s`` of the last record of an earlier part of this run, 0 for a fresh run."""
+    if not path.is_file():
+        return 0.0
+    last = 0.0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            last = float(json.loads(line).get("wall_s", last))
+        except (ValueError, AttributeError):  # a line cut short by a kill: the records before it count
+            continue
+    return last

@@ -86,8 +86,9 @@ def build_model(config: TrainConfig, processor: Any) -> nn.Module:
     return LlavaUHDForConditionalGeneration(model_config)
 
 
-def resampler_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``resampler.*`` weights of a checkpoint folder, a run folder (its latest checkpoint) or a saved model."""
+def module_weights(path: str | Path, modules: tuple[str, ...] = (RESAMPLER,)) -> dict[str, torch.Tensor]:
+    """The weights of top-level ``modules`` in a checkpoint folder, a run folder (its latest checkpoint) or
+    a saved model (a stage-0 or LlavaUHD ``final/``)."""
     from llava_uhd.model.weights import read_state_dict
 
     p = Path(path)
@@ -101,31 +102,32 @@ def resampler_weights(path: str | Path) -> dict[str, torch.Tensor]:
         weights = read_state_dict(p)
     else:
         raise ConfigError(f"model.init_from {str(path)!r} does not exist")
-    prefix = f"{RESAMPLER}."
-    found = {k: v for k, v in weights.items() if k.startswith(prefix)}
-    if not found:
-        raise ConfigError(f"model.init_from {str(path)!r} holds no {prefix}* weights")
+    found = {k: v for k, v in weights.items() if k.split(".", 1)[0] in modules}
+    lacking = sorted(m for m in modules if not any(k.startswith(f"{m}.") for k in found))
+    if lacking:
+        raise ConfigError(f"model.init_from {str(path)!r} holds no weights of {lacking}")
     return found
 
 
 def prepare_model(model: nn.Module, config: TrainConfig, stage: StageSpec) -> list[str]:
     """init_from, LoRA, gradient checkpointing, then the stage's trainable set (returned)."""
     if config.model.init_from is not None:
-        weights = resampler_weights(config.model.init_from)
+        modules = config.model.init_modules
+        weights = module_weights(config.model.init_from, modules)
         result = model.load_state_dict(weights, strict=False)
-        missing = sorted(k for k in result.missing_keys if k.startswith(f"{RESAMPLER}."))
+        missing = sorted(k for k in result.missing_keys if k.split(".", 1)[0] in modules)
         if missing or result.unexpected_keys:
             raise ConfigError(
-                f"model.init_from: resampler mismatch, missing {missing}, unexpected "
+                f"model.init_from: {list(modules)} mismatch, missing {missing}, unexpected "
                 f"{sorted(result.unexpected_keys)}"
             )
-        logger.info("resampler initialised from %s (%d tensors)", config.model.init_from, len(weights))
+        logger.info("%s initialised from %s (%d tensors)", "/".join(modules), config.model.init_from, len(weights))
     lora = config.lora.r > 0
     if lora:
         add_lora(model, config.lora)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    return apply_stage(model, stage, train_vit=config.train_vit, lora=lora)
+    return apply_stage(model, stage, train_vit=config.train_vit, lora=lora, train_llm=config.train_llm)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

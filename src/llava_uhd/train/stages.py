@@ -16,11 +16,13 @@ from torch import nn
 from llava_uhd.errors import ConfigError
 
 PieceSelection = Literal["overview", "all"]
+Task = Literal["language", "dense_vision"]
 
 # Submodule names of the composed model (INTERFACES.md, "Model").
 VISION = "vision_tower"
 RESAMPLER = "resampler"
 LANGUAGE = "language_model"
+DENSE_HEADS = "dense_heads"  # stage 0's per-patch heads (llava_uhd.model.dense_heads)
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,15 @@ class StageSpec:
     lr: float
     global_batch_size: int
     template: str | None  # conversation template; None = the preset's (vicuna_v1 for the paper)
+    task: Task = "language"  # "dense_vision": the tower alone, on per-patch targets (stage 0)
 
 
 STAGES: dict[str, StageSpec] = {
+    # Stage 0 stands in for CLIP's pretraining where no CLIP weights exist: the tower and its dense heads
+    # learn to read synthdoc pages patch by patch, then stay frozen (llava_uhd.train.dense_stage).
+    "stage0": StageSpec(
+        "stage0", (VISION, DENSE_HEADS), "all", lr=1.5e-3, global_batch_size=1, template=None, task="dense_vision"
+    ),
     # Stage 1 aligns the fresh resampler to a frozen ViT and LLM on captions, overview only, lr 1e-3, batch 256.
     "stage1": StageSpec("stage1", (RESAMPLER,), "overview", lr=1e-3, global_batch_size=256, template="plain"),
     # Stage 2 instruction-tunes the resampler and the LLM on slices + overview, lr 2e-5, batch 128.
@@ -52,27 +60,33 @@ def get_stage(name: str) -> StageSpec:
     return STAGES[name]
 
 
-def trainable_modules(stage: StageSpec, train_vit: bool = False, lora: bool = False) -> tuple[str, ...]:
+def trainable_modules(
+    stage: StageSpec, train_vit: bool = False, lora: bool = False, train_llm: bool = False
+) -> tuple[str, ...]:
     """Submodules whose parameters train fully. With LoRA the LLM trains only through its adapters."""
     modules = list(stage.train_modules)
     if train_vit and VISION not in modules:
         modules.append(VISION)
+    if train_llm and LANGUAGE not in modules:
+        modules.append(LANGUAGE)
     if lora and LANGUAGE in modules:
         modules.remove(LANGUAGE)
     return tuple(modules)
 
 
-def apply_stage(model: nn.Module, stage: StageSpec, train_vit: bool = False, lora: bool = False) -> list[str]:
+def apply_stage(
+    model: nn.Module, stage: StageSpec, train_vit: bool = False, lora: bool = False, train_llm: bool = False
+) -> list[str]:
     """Freeze everything, then unfreeze the stage's submodules; return the trainable names, sorted.
 
     With ``lora`` the language model is expected to carry peft adapters already: only parameters whose
     name contains ``lora_`` train inside it (and only when the stage trains the LLM at all).
     """
-    modules = trainable_modules(stage, train_vit=train_vit, lora=lora)
+    modules = trainable_modules(stage, train_vit=train_vit, lora=lora, train_llm=train_llm)
     for name in modules:
         if not isinstance(getattr(model, name, None), nn.Module):
             raise ConfigError(f"stage {stage.name!r} trains {name!r}, but the model has no such submodule")
-    train_adapters = lora and LANGUAGE in stage.train_modules
+    train_adapters = lora and (LANGUAGE in stage.train_modules or train_llm)
     for name, param in model.named_parameters():
         top = name.split(".", 1)[0]
         param.requires_grad_(top in modules or (train_adapters and top == LANGUAGE and "lora_" in name))
