@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from llava_uhd.config import VisionConfig, get_preset
 from llava_uhd.errors import ConfigError
+from llava_uhd.model.feature_cache import FrozenFeatureCache
 from llava_uhd.model.vision import VisionTransformer
 from llava_uhd.pixels import patches_to_piece
 from llava_uhd.synth.dense import GLYPH_NONE
@@ -20,7 +21,6 @@ from llava_uhd.synth.synthdoc import document_seed, make_document
 from llava_uhd.train.config import DenseConfig, TrainConfig
 from llava_uhd.train.dense_stage import DenseDocs, build_model, page_sample, piece_to_patches, probe
 from llava_uhd.train.entry import run_training
-from llava_uhd.train.feature_cache import FrozenFeatureCache
 from llava_uhd.train.stages import apply_stage, get_stage
 
 CONV = VisionConfig(

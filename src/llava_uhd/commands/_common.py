@@ -1,4 +1,4 @@
-"""Arguments shared by several subcommands: the preset and every slicing knob."""
+"""Arguments shared by several subcommands: the preset and every slicing knob; decoding options."""
 
 from __future__ import annotations
 
@@ -51,3 +51,23 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
             vision, patch_size=slicing.patch_size, image_size=slicing.patch_size * vision.grid_side
         )
     return replace(preset, slicing=slicing, vision=vision)
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Generation flags shared by ``ask`` and ``batch`` (checked by ``GenerationOptions``)."""
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (256)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0: no sampling)"
+    )
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature")
+
+
+def decoding_options(args: argparse.Namespace) -> dict[str, object]:
+    """The decoding flags as ``GenerationOptions`` fields."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+    }

@@ -117,7 +117,7 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
     trainable = prepare_model(model, config, stage)
     cache = None
     if config.cache_vision_features:
-        from llava_uhd.train.feature_cache import FrozenFeatureCache
+        from llava_uhd.model.feature_cache import FrozenFeatureCache
 
         cache = FrozenFeatureCache(model.vision_tower, config.feature_cache_dir).install()
     layout = lora_layout(model)  # read before an engine wraps (and, on FSDP, renames) the modules

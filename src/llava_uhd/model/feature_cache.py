@@ -1,7 +1,7 @@
-"""Remember a frozen vision tower's output per piece, so that later epochs skip the tower.
+"""Remember a frozen vision tower's output per piece, so that a piece seen before skips the tower.
 
-With the ViT frozen (stages 1 and 2), every epoch recomputes exactly the same features for the same
-image. Pieces never interact inside the tower (attention, the conv stem and per-piece centring all stay
+With the ViT frozen (training stages 1 and 2, and any inference), every epoch, and every question about
+the same image, recomputes exactly the same features. Pieces never interact inside the tower (attention, the conv stem and per-piece centring all stay
 within a piece), so each piece's features are a function of that piece's pixels alone and can be cached
 by a hash of them: exact, whatever the batching or the order of the samples. Entries are kept in memory in
 the tower's dtype (576 x 128 float32 features of a 336 x 336 piece take 295 KB) and, with a ``folder``,
@@ -32,7 +32,7 @@ class FrozenFeatureCache:
 
     def __init__(self, tower: nn.Module, folder: str | Path | None = None) -> None:
         if any(p.requires_grad for p in tower.parameters()):
-            raise ConfigError("cache_vision_features needs a frozen vision tower (train_vit: false)")
+            raise ConfigError("a feature cache needs a frozen vision tower (no parameter with requires_grad)")
         self.tower = tower
         self.compute = tower.forward  # the bound method of the class: the real computation
         self.entries: dict[str, torch.Tensor] = {}
@@ -102,3 +102,14 @@ class FrozenFeatureCache:
                 self.unsaved.append(keys[i])
                 offset += n
         return torch.cat([self.entries[key] for key in keys]).to(pixel_values.device)
+
+
+def cache_frozen_tower(model: nn.Module) -> FrozenFeatureCache:
+    """Freeze ``model.vision_tower`` and route it through a cache (inference: every image is encoded once
+    however many questions it gets). Calling it again returns the cache already installed."""
+    tower = model.vision_tower
+    installed = getattr(tower, "forward", None)
+    if isinstance(getattr(installed, "__self__", None), FrozenFeatureCache):
+        return installed.__self__
+    tower.requires_grad_(False)
+    return FrozenFeatureCache(tower).install()
