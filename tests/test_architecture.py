@@ -12,37 +12,44 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llava_uhd"
 
-# top-level part -> parts of llava_uhd it must never import
+_ABOVE_PROCESSING = {"processing", "model", "data", "train", "inference", "eval", "cli", "commands", "auto"}
+
+# top-level part (or a dotted module below it) -> parts of llava_uhd it must never import
 FORBIDDEN: dict[str, set[str]] = {
-    "config": {
-        "slicing",
-        "layout",
-        "processing",
-        "images",
-        "model",
-        "data",
-        "train",
-        "inference",
-        "eval",
-        "cli",
-        "commands",
-    },
-    "slicing": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
-    "layout": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
-    "images": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
-    "processing": {"model", "data", "train", "inference", "eval", "cli", "commands"},
+    "config": {"slicing", "layout", "budget", "templates", "tokens", "images", *_ABOVE_PROCESSING},
+    "slicing": _ABOVE_PROCESSING,
+    "layout": _ABOVE_PROCESSING,
+    "budget": _ABOVE_PROCESSING,
+    "templates": {"slicing", "layout", "budget", "tokens", "images", *_ABOVE_PROCESSING},
+    "tokens": _ABOVE_PROCESSING,
+    "images": _ABOVE_PROCESSING,
+    "processing": {"model", "data", "train", "inference", "eval", "cli", "commands", "auto"},
     "model": {"processing", "data", "train", "inference", "eval", "cli", "commands", "auto"},
     "data": {"model", "train", "inference", "eval", "cli", "commands"},
-    "inference": {"train", "cli", "commands"},
+    # inference prepares its inputs through the processor, as training does, never through data/
+    "inference": {"data", "train", "cli", "commands"},
+    "commands.ask": {"data", "train"},
     "eval": {"train", "cli", "commands"},
     "train": {"cli", "commands"},
 }
-TORCH_FREE = {"config", "slicing", "layout", "errors", "images"}
+TORCH_FREE = {"config", "slicing", "layout", "budget", "templates", "tokens", "errors", "images"}
 
 
 def _part(path: Path) -> str:
     rel = path.relative_to(PACKAGE).with_suffix("")
     return rel.parts[0]
+
+
+def _dotted(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.parts[-1] == "__init__" else rel.parts)
+
+
+def _forbidden(path: Path) -> set[str]:
+    """The parts a module must not import: its top-level part's rule and any rule for the module itself."""
+    dotted = _dotted(path)
+    rules = [parts for key, parts in FORBIDDEN.items() if dotted == key or dotted.startswith(key + ".")]
+    return set().union(*rules)
 
 
 def _imports(path: Path) -> set[str]:
@@ -78,13 +85,20 @@ def test_import_collection_sees_lazy_and_relative_imports():
 
 
 def test_the_package_has_modules():
-    assert {"config", "slicing", "layout", "cli"} <= {_part(p) for p in MODULES}
+    assert {"config", "slicing", "layout", "templates", "tokens", "cli"} <= {_part(p) for p in MODULES}
+    assert "commands.ask" in {_dotted(p) for p in MODULES}
+
+
+def test_a_module_rule_adds_to_its_part_rule():
+    ask = PACKAGE / "commands" / "ask.py"
+    assert {"data", "train"} <= _forbidden(ask)
+    assert _forbidden(PACKAGE / "commands" / "train.py") == set()
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_flow_one_way(path):
     part = _part(path)
-    forbidden = FORBIDDEN.get(part, set())
+    forbidden = _forbidden(path)
     bad = sorted(
         name for name in _imports(path) if name.startswith("llava_uhd.") and name.split(".")[1] in forbidden
     )

@@ -104,10 +104,11 @@ def test_ask_with_beams_and_two_images(converted, image_path, capsys):
 
 def test_answer_matches_a_manual_greedy_decode(converted, image_path):
     """The answer is the model's greedy continuation of the vicuna_v1 prompt with the image expanded."""
-    from llava_uhd.inference.generate import answer, build_prompt, load_model_and_processor
+    from llava_uhd.auto import load_pretrained
+    from llava_uhd.inference.generate import answer, build_prompt
 
     _, destination, _ = converted
-    model, processor = load_model_and_processor(destination)
+    model, processor = load_pretrained(destination)
     text = answer(model, processor, str(image_path), "Describe.", max_new_tokens=3)
     prompt = build_prompt("Describe.", 1, "vicuna_v1", processor.tokenizer)
     assert prompt.startswith("A chat between a curious user") and prompt.endswith(
@@ -147,7 +148,7 @@ def test_ask_bad_options_exit_2(converted, image_path, capsys):
 
 
 def test_ask_dtype_loads_the_weights_in_it(converted, image_path, capsys, monkeypatch):
-    from llava_uhd.inference import generate
+    from llava_uhd import auto
 
     _, destination, _ = converted
     loaded = []
@@ -157,8 +158,8 @@ def test_ask_dtype_loads_the_weights_in_it(converted, image_path, capsys, monkey
         loaded.append(model)
         return model, processor
 
-    load = generate.load_model_and_processor
-    monkeypatch.setattr(generate, "load_model_and_processor", spy)
+    load = auto.load_pretrained
+    monkeypatch.setattr(auto, "load_pretrained", spy)
     argv = ["ask", "--model", str(destination), "--image", str(image_path), "hi", "--max-new-tokens", "2"]
     assert main([*argv, "--dtype", "bfloat16", "--json"]) == 0
     assert isinstance(json.loads(capsys.readouterr().out)["answer"], str)

@@ -11,9 +11,9 @@ from PIL import Image
 
 from llava_uhd.config import TINY
 from llava_uhd.data import LengthGroupedSampler, LlavaCollator, LlavaDataset, padding_fraction, rank_batches
-from llava_uhd.data.conversation import IGNORE_INDEX
 from llava_uhd.errors import ConfigError
 from llava_uhd.processing import LlavaUHDProcessor
+from llava_uhd.templates import IGNORE_INDEX
 
 Q = TINY.resampler.num_queries
 

@@ -12,11 +12,11 @@ from PIL import Image
 
 from llava_uhd.config import TINY
 from llava_uhd.data import AugmentConfig, LlavaDataset, parse_record, read_skip_log
-from llava_uhd.data.conversation import IGNORE_INDEX
 from llava_uhd.errors import BadSampleError, ConfigError
 from llava_uhd.layout import visual_token_count
 from llava_uhd.processing import LlavaUHDProcessor
 from llava_uhd.slicing import apply_plan, plan_slices
+from llava_uhd.templates import IGNORE_INDEX
 
 Q = TINY.resampler.num_queries
 

@@ -20,6 +20,9 @@ TORCH_FREE = [
     "llava_uhd.errors",
     "llava_uhd.slicing",
     "llava_uhd.layout",
+    "llava_uhd.budget",
+    "llava_uhd.templates",
+    "llava_uhd.tokens",
     "llava_uhd.images",
     "llava_uhd.visualize",
     "llava_uhd.cli",
@@ -77,6 +80,9 @@ FORBIDDEN = {
     "llava_uhd.config": ("torch", "llava_uhd.slicing", "llava_uhd.processing", "llava_uhd.model"),
     "llava_uhd.slicing": ("torch", "llava_uhd.processing", "llava_uhd.model"),
     "llava_uhd.layout": ("torch", "llava_uhd.processing", "llava_uhd.model"),
+    "llava_uhd.budget": ("torch", "llava_uhd.processing", "llava_uhd.model"),
+    "llava_uhd.templates": ("torch", "llava_uhd.processing", "llava_uhd.model"),
+    "llava_uhd.tokens": ("torch", "llava_uhd.processing", "llava_uhd.model"),
     "llava_uhd.images": ("torch", "llava_uhd.processing", "llava_uhd.model"),
     "llava_uhd.pixels": ("llava_uhd.model", "llava_uhd.data", "llava_uhd.train", "llava_uhd.inference"),
     "llava_uhd.processing": ("llava_uhd.model", "llava_uhd.data", "llava_uhd.train", "llava_uhd.inference"),
@@ -88,7 +94,8 @@ FORBIDDEN = {
         "llava_uhd.eval",
     ),
     "llava_uhd.data": ("llava_uhd.train", "llava_uhd.inference", "llava_uhd.eval"),
-    "llava_uhd.inference": ("llava_uhd.train",),
+    "llava_uhd.inference": ("llava_uhd.train", "llava_uhd.data"),
+    "llava_uhd.commands.ask": ("llava_uhd.train", "llava_uhd.data"),
 }
 
 
@@ -129,6 +136,19 @@ def _violations() -> list[str]:
 
 def test_one_way_import_flow() -> None:
     assert _violations() == []
+
+
+def test_inference_and_ask_load_no_training_code() -> None:
+    """The whole import closure of `ask`'s path, lazy imports included once run() would make them."""
+    code = """
+import sys
+import llava_uhd.auto, llava_uhd.commands.ask, llava_uhd.inference
+loaded = sorted(m for m in sys.modules if m.startswith(("llava_uhd.data", "llava_uhd.train")))
+print("LOADED", loaded)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout
 
 
 def test_the_checker_catches_a_violation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

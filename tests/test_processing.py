@@ -14,20 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
+from llava_uhd.budget import budget_slice_limits, plan_with_budget
 from llava_uhd.config import TINY, SlicingConfig
 from llava_uhd.errors import ConfigError, PlaceholderMismatchError, TokenBudgetError
 from llava_uhd.images import check_image_file, load_image, probe_image_size
 from llava_uhd.layout import visual_token_count
 from llava_uhd.pixels import draft_size, image_patches, patches_to_piece
-from llava_uhd.processing import (
-    PRESET_FILE,
-    LlavaUHDProcessor,
-    budget_slice_limits,
-    expand_image_tokens,
-    plan_with_budget,
-    separator_token_ids,
-)
+from llava_uhd.processing import PRESET_FILE, LlavaUHDProcessor
 from llava_uhd.slicing import plan_slices
+from llava_uhd.tokens import expand_image_tokens, separator_token_ids
 
 Q = TINY.resampler.num_queries
 P = TINY.slicing.patch_size
@@ -219,7 +214,7 @@ def test_expansion_layout_counts_and_separators(processor: LlavaUHDProcessor, ll
     assert plan.grid == (2, 3)
     out = processor("Look: <image> ok", [image], add_special_tokens=False)
     ids = out["input_ids"][0].tolist()
-    prefix = llama_tokenizer.encode("Look: <image> ok", add_special_tokens=False)
+    prefix = processor.tokenizer.encode("Look: <image> ok", add_special_tokens=False)
     start = prefix.index(processor.image_token_id)
     visual = ids[start : start + visual_token_count(plan, Q)]
     assert len(ids) == len(prefix) - 1 + visual_token_count(plan, Q)

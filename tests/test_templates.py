@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from typing import get_args
 
 import pytest
 
-from llava_uhd.data.conversation import IGNORE_INDEX, encode_conversation, encode_text
-from llava_uhd.data.templates import VICUNA_SYSTEM, Turn, get_template
+from llava_uhd.config import TemplateName
 from llava_uhd.errors import ConfigError
+from llava_uhd.templates import IGNORE_INDEX, TEMPLATES, VICUNA_SYSTEM, Turn, get_template
+from llava_uhd.tokens import encode_conversation, encode_text
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +216,8 @@ def test_unknown_template_and_missing_chat_template(llama):
     tok.chat_template = None
     with pytest.raises(ConfigError, match="has no chat template"):
         encode_conversation(TWO_TURNS[:2], get_template("chat_template"), tok, _one_image(tok))
+
+
+def test_the_templates_are_the_names_a_preset_may_hold():
+    assert sorted(TEMPLATES) == sorted(get_args(TemplateName))
+    assert all(get_template(name).name == name for name in TEMPLATES)

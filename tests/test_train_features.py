@@ -165,7 +165,7 @@ def test_lora_trains_only_the_resampler_and_adapters(lora_run) -> None:
 
 
 def test_lora_final_model_loads_for_inference_with_merged_logits(lora_run) -> None:
-    from llava_uhd.inference.generate import load_model_and_processor
+    from llava_uhd.auto import load_pretrained
 
     config, out = lora_run
     adapter_model, batch = _adapter_model(config, out / "checkpoints" / "step-000002")
@@ -174,7 +174,7 @@ def test_lora_final_model_loads_for_inference_with_merged_logits(lora_run) -> No
         merged = merge_lora(adapter_model)
         assert not any("lora_" in n for n, _ in merged.named_parameters())
         merged_logits = merged(**_inputs(batch)).logits
-        loaded, processor = load_model_and_processor(out / FINAL_DIR)
+        loaded, processor = load_pretrained(out / FINAL_DIR)
         loaded_logits = loaded(**_inputs(batch)).logits
     assert processor.image_token_id == loaded.config.image_token_id
     torch.testing.assert_close(merged_logits, adapter_logits, atol=LOGITS_ATOL, rtol=0)

@@ -41,7 +41,8 @@ def test_stage1_logs_metrics_and_eval_and_checkpoints(stage1: Path) -> None:
 
 
 def test_stage2_starts_from_stage1_resampler_and_loads_for_inference(stage1: Path, tmp_path: Path) -> None:
-    from llava_uhd.inference.generate import answer, load_model_and_processor
+    from llava_uhd.auto import load_pretrained
+    from llava_uhd.inference.generate import answer
     from llava_uhd.synth.scenes import make_scene, render_scene
 
     stage1_resampler = load_file(str(stage1 / "checkpoints" / "step-000004" / "model.safetensors"))
@@ -50,7 +51,7 @@ def test_stage2_starts_from_stage1_resampler_and_loads_for_inference(stage1: Pat
     )
     result = run_training(config)
     assert result.global_step == 2
-    model, processor = load_model_and_processor(tmp_path / "final")
+    model, processor = load_pretrained(tmp_path / "final")
     # stage 2 (warmup step at lr 0, then one update) moved the resampler a little away from stage 1
     for name, before in stage1_resampler.items():
         after = model.state_dict()[name]

@@ -64,13 +64,20 @@ def load_pretrained(
     device: str | torch.device | None = None,
     **processor_options: Any,
 ) -> tuple[LlavaUHDForConditionalGeneration, LlavaUHDProcessor]:
-    """The model and processor of a saved folder.
+    """The model (in eval mode) and processor of a saved or converted folder, checked to fit each other.
 
-    The processor is the saved one when the folder has it; otherwise it is rebuilt from the folder's
-    tokenizer and the preset stored in the model config. ``processor_options`` (e.g. ``padding_side``)
-    override the saved options.
+    The one loader of the package: ``llava-uhd ask`` and the inference helpers use it too. The processor
+    is the saved one when the folder has it; otherwise it is rebuilt from the folder's tokenizer and the
+    preset stored in the model config. ``processor_options`` (e.g. ``padding_side``) override the saved
+    options.
+
+    Raises:
+        CheckpointError: the folder does not exist or holds no LLaVA-UHD model.
+        ConfigError: the processor does not write the placeholders and pieces the model expects.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such model folder")
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json; not a saved LLaVA-UHD model")
     model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype)

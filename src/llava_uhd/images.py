@@ -7,6 +7,10 @@ raises :class:`~llava_uhd.errors.ImageLoadError` naming the input and the reason
 
 Decompression bombs are refused from the header, before any pixel is decoded, and truncated files fail
 here (pixels are decoded eagerly with ``load()``), not later inside a resize.
+
+:func:`load_planned` is how the processor reads the images of one request: plan from the header, then
+decode JPEGs only at the DCT scale the plan needs (several times faster for large photos), planning
+again when the decoder reveals an orientation the header did not show.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -28,10 +32,12 @@ from PIL import Image, ImageFile, ImageOps, PngImagePlugin, TiffImagePlugin, Uni
 
 from llava_uhd.config import DEFAULT_MAX_IMAGE_PIXELS
 from llava_uhd.errors import ImageLoadError
+from llava_uhd.slicing import SlicePlan
 
 logger = logging.getLogger(__name__)
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
+_ENCODED_SOURCES = (str, os.PathLike, bytes, bytearray, memoryview)
 
 # What Pillow's decoders raise on bad data. OSError covers missing files, UnidentifiedImageError and
 # "image file is truncated"; the others come from plugins parsing corrupt headers (found by fuzzing).
@@ -255,6 +261,76 @@ def load_image(
     with stream:
         image = _open_header(source, stream, max_pixels)
         return _decoded(source, image, max_pixels, draft_size)
+
+
+PlanImages = Callable[[list[tuple[int, int]]], list[SlicePlan]]  # all (width, height) -> their plans
+DraftSize = Callable[[SlicePlan], tuple[int, int]]  # a plan -> the smallest decode it allows
+
+
+def load_planned(
+    sources: Sequence[ImageSource],
+    plan: PlanImages,
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    draft_size: DraftSize | None = None,
+) -> tuple[list[Image.Image], list[SlicePlan]]:
+    """Decode and plan the images of one request, in order.
+
+    ``plan`` gets every image's upright (width, height) at once, so a token budget can be shared across
+    them. Without ``draft_size`` every source is decoded in full and planned from its pixels. With it,
+    encoded sources (paths, bytes) are planned from their header (:func:`probe_image_size`) and then
+    decoded at the JPEG DCT scale ``draft_size(plan)`` still covers (:func:`load_image`); PIL images and
+    arrays are taken as they are.
+
+    Raises:
+        ImageLoadError: a source cannot be read (errors of ``plan`` pass through).
+    """
+    if draft_size is None:
+        images = [load_image(source, max_pixels=max_pixels) for source in sources]
+        return images, plan([image.size for image in images])
+    decoded: list[Image.Image | None] = [None] * len(sources)
+    sizes: list[tuple[int, int]] = []
+    for i, source in enumerate(sources):
+        if isinstance(source, _ENCODED_SOURCES):
+            sizes.append(probe_image_size(source, max_pixels=max_pixels))
+        else:
+            image = load_image(source, max_pixels=max_pixels)
+            decoded[i] = image
+            sizes.append(image.size)
+    plans = plan(sizes)
+    loaded = _decode_drafts(sources, decoded, plans, max_pixels, draft_size)
+    # The header probe cannot see an EXIF orientation stored after a PNG's pixel data (the decoder meets
+    # it at the end): an image that decodes as the transpose of its probed size is planned again from
+    # what was decoded, and any other image whose plan that changes is decoded again.
+    turned = [
+        i
+        for i, (image, size) in enumerate(zip(loaded, sizes, strict=True))
+        if decoded[i] is None and size[0] != size[1] and image.size == (size[1], size[0])
+    ]
+    if turned:
+        for i in turned:
+            sizes[i], decoded[i] = loaded[i].size, loaded[i]
+        first, plans = plans, plan(sizes)
+        decoded = [
+            image if full is not None or old == new else None  # a draft for the old plan may not fit
+            for image, full, old, new in zip(loaded, decoded, first, plans, strict=True)
+        ]
+        loaded = _decode_drafts(sources, decoded, plans, max_pixels, draft_size)
+    return loaded, plans
+
+
+def _decode_drafts(
+    sources: Sequence[ImageSource],
+    decoded: list[Image.Image | None],
+    plans: Sequence[SlicePlan],
+    max_pixels: int,
+    draft_size: DraftSize,
+) -> list[Image.Image]:
+    """The decoded images, decoding the rest at the DCT scale each one's plan allows."""
+    return [
+        image if image is not None else load_image(source, max_pixels=max_pixels, draft_size=draft_size(plan))
+        for image, source, plan in zip(decoded, sources, plans, strict=True)
+    ]
 
 
 def _decoded(

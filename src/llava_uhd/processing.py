@@ -1,14 +1,19 @@
 """Images + text -> model inputs (docs/INTERFACES.md, "Processor output"; DESIGN.md section 6).
 
-:class:`LlavaUHDProcessor` plans every image (:func:`~llava_uhd.slicing.plan_slices`), turns its pieces
-into flattened patches (:mod:`llava_uhd.pixels`) and expands each ``<image>`` in the text into the
-spatial schema of paper section 3.3: per piece Q copies of the image token, each slice followed by the
-token ids of its separator ("," inside a row, "\\n" at a row's end), the overview last.
+:class:`LlavaUHDProcessor` is the one place model inputs are made, for training and for inference alike.
+It composes the parts: images are read and planned by :func:`llava_uhd.images.load_planned` under the
+token budget of :mod:`llava_uhd.budget`, their pieces become flattened patches (:mod:`llava_uhd.pixels`),
+and every ``<image>`` in the text becomes the spatial schema of paper section 3.3
+(:mod:`llava_uhd.tokens`).
 
-The text expansion is a pair of plain functions on token ids, reused by the training data pipeline:
-:func:`image_layout_ids` (one image's ids) and :func:`expand_image_tokens` (replace every image token of
-a sequence, optionally carrying a parallel label list). Separator ids always come from the tokenizer
-(:func:`separator_token_ids`), never from constants.
+Two entry points share those steps:
+
+* :meth:`LlavaUHDProcessor.prepare`: turns + images + template -> :class:`PreparedConversation` (ids,
+  labels, pixels, piece grids). The training dataset calls it with the whole conversation, inference
+  with the same conversation up to the open answer (``generation_prompt=True``), so the prompt part of a
+  training sample and the inference input are the same ids, pixels and grids.
+* :meth:`LlavaUHDProcessor.__call__`: prompt strings the caller wrote (a batch, padded), the Hugging
+  Face processor call.
 
 This module may import torch and transformers but never :mod:`llava_uhd.model`.
 Dimensions: B batch, T text length, N pieces, Pt patches, C channels, P patch side.
@@ -16,8 +21,9 @@ Dimensions: B batch, T text length, N pieces, Pt patches, C channels, P patch si
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,179 +32,25 @@ import torch
 from PIL import Image
 from transformers import AddedToken, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
+from llava_uhd.budget import plan_with_budget
 from llava_uhd.config import Preset, SlicingConfig, get_preset
-from llava_uhd.errors import ConfigError, PlaceholderMismatchError, TokenBudgetError
-from llava_uhd.images import ImageSource, load_image, probe_image_size
-from llava_uhd.layout import layout_segments, visual_token_count
+from llava_uhd.errors import ConfigError, PlaceholderMismatchError
+from llava_uhd.images import ImageSource, load_planned
 from llava_uhd.pixels import RESIZE_MODES, ResizeMode, draft_size, image_patches
-from llava_uhd.slicing import SlicePlan, plan_slices
+from llava_uhd.slicing import SlicePlan, overview_plan
+from llava_uhd.templates import IMAGE_TOKEN, Template, Turn, get_template
+from llava_uhd.tokens import (
+    EncodedSample,
+    encode_conversation,
+    expand_image_tokens,
+    image_layout_ids,
+    pad_token_id,
+    separator_token_ids,
+)
 
-IMAGE_TOKEN = "<image>"
 PRESET_FILE = "llava_uhd_preset.yaml"
 PROCESSOR_FILE = "llava_uhd_processor.json"
-IGNORE_INDEX = -100  # the label value cross-entropy skips (PyTorch's default ignore_index)
-# Separators are tokenised as they appear after another token: "a" + sep, minus the ids of "a".
-_SEPARATOR_CONTEXT = "a"
 _PADDING_SIDES = ("left", "right")
-_ENCODED_SOURCES = (str, Path, bytes, bytearray, memoryview)
-
-
-# --------------------------------------------------------------------------------------------------
-# Text layout on token ids
-
-
-def separator_token_ids(
-    tokenizer: PreTrainedTokenizerBase, separators: Sequence[str] = (",", "\n")
-) -> dict[str, tuple[int, ...]]:
-    """Token ids of each separator as it appears right after another token.
-
-    SentencePiece tokenizers mark a word start with "▁", so encoding "," alone gives "▁,"; inside the
-    layout the separator follows an image token, so we encode ``"a" + sep`` and drop the ids of ``"a"``
-    (Llama: "," -> ",", "\\n" -> "<0x0A>").
-
-    Raises:
-        ConfigError: the tokenizer splits the context differently with the separator attached, or the
-            separator encodes to nothing.
-    """
-    context = tokenizer.encode(_SEPARATOR_CONTEXT, add_special_tokens=False)
-    result: dict[str, tuple[int, ...]] = {}
-    for sep in separators:
-        ids = tokenizer.encode(_SEPARATOR_CONTEXT + sep, add_special_tokens=False)
-        if ids[: len(context)] != context or len(ids) == len(context):
-            raise ConfigError(
-                f"cannot isolate the token ids of separator {sep!r}: {_SEPARATOR_CONTEXT!r} encodes to "
-                f"{context} but {_SEPARATOR_CONTEXT + sep!r} to {ids}"
-            )
-        result[sep] = tuple(ids[len(context) :])
-    return result
-
-
-def image_layout_ids(
-    plan: SlicePlan, num_queries: int, image_token_id: int, separator_ids: Mapping[str, Sequence[int]]
-) -> list[int]:
-    """The token ids one image occupies: Q image tokens per piece, separator ids after each slice."""
-    ids: list[int] = []
-    for segment in layout_segments(plan):
-        if segment.kind == "piece":
-            ids.extend([image_token_id] * num_queries)
-        else:
-            ids.extend(separator_ids[segment.text])
-    return ids
-
-
-def expand_image_tokens(
-    input_ids: Sequence[int],
-    plans: Sequence[SlicePlan],
-    *,
-    image_token_id: int,
-    num_queries: int,
-    separator_ids: Mapping[str, Sequence[int]],
-    labels: Sequence[int] | None = None,
-    ignore_index: int = IGNORE_INDEX,
-) -> tuple[list[int], list[int] | None]:
-    """Replace the i-th ``image_token_id`` of ``input_ids`` by image i's layout (:func:`image_layout_ids`).
-
-    Args:
-        input_ids: a tokenised sequence holding exactly one ``image_token_id`` per image.
-        plans: the images' plans, in the order their tokens appear.
-        labels: optional labels parallel to ``input_ids``; the expanded positions get ``ignore_index``
-            (visual tokens carry no loss).
-
-    Returns:
-        (expanded ids, expanded labels or None).
-
-    Raises:
-        PlaceholderMismatchError: the number of image tokens differs from the number of plans.
-    """
-    positions = [i for i, token in enumerate(input_ids) if token == image_token_id]
-    if len(positions) != len(plans):
-        raise PlaceholderMismatchError(
-            f"the text has {len(positions)} {IMAGE_TOKEN} placeholder(s) but {len(plans)} image(s) were given"
-        )
-    if labels is not None and len(labels) != len(input_ids):
-        raise PlaceholderMismatchError(f"labels have length {len(labels)} but input_ids {len(input_ids)}")
-    ids: list[int] = []
-    out_labels: list[int] | None = [] if labels is not None else None
-    start = 0
-    for position, plan in zip(positions, plans, strict=True):
-        layout = image_layout_ids(plan, num_queries, image_token_id, separator_ids)
-        ids.extend(input_ids[start:position])
-        ids.extend(layout)
-        if out_labels is not None and labels is not None:
-            out_labels.extend(labels[start:position])
-            out_labels.extend([ignore_index] * len(layout))
-        start = position + 1
-    ids.extend(input_ids[start:])
-    if out_labels is not None and labels is not None:
-        out_labels.extend(labels[start:])
-    return ids, out_labels
-
-
-# --------------------------------------------------------------------------------------------------
-# Token budget
-
-
-def budget_slice_limits(
-    sizes: Sequence[tuple[int, int]],
-    config: SlicingConfig,
-    *,
-    num_queries: int,
-    max_visual_tokens: int | None = None,
-    separator_lengths: Mapping[str, int] | None = None,
-) -> list[int]:
-    """Per-image ``max_slices`` so that the images of one request fit ``max_visual_tokens``.
-
-    Every image starts at ``config.max_slices``. While the planned total is over the budget, the image
-    with the highest limit loses one slice (among equal limits, the smallest area first), so a larger
-    image never ends with a lower limit than a smaller one. At limit 1 an image is its overview alone.
-
-    Raises:
-        TokenBudgetError: even overview-only plans need more tokens than the budget.
-    """
-    limits = [config.max_slices] * len(sizes)
-    if max_visual_tokens is None:
-        return limits
-    costs = [visual_token_count(plan_slices(w, h, config), num_queries, separator_lengths) for w, h in sizes]
-    smallest_first = sorted(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], i))
-    while sum(costs) > max_visual_tokens:
-        reducible = [i for i in smallest_first if limits[i] > 1]
-        if not reducible:
-            raise TokenBudgetError(
-                f"max_visual_tokens={max_visual_tokens} cannot hold {len(sizes)} image(s) "
-                f"({', '.join(f'{w}x{h}' for w, h in sizes)}): one overview each already needs {sum(costs)} tokens"
-            )
-        highest = max(limits[i] for i in reducible)
-        victim = next(i for i in reducible if limits[i] == highest)
-        limits[victim] -= 1
-        plan = plan_slices(*sizes[victim], replace(config, max_slices=limits[victim]))
-        costs[victim] = visual_token_count(plan, num_queries, separator_lengths)
-    return limits
-
-
-def plan_with_budget(
-    sizes: Sequence[tuple[int, int]],
-    config: SlicingConfig,
-    *,
-    num_queries: int,
-    max_visual_tokens: int | None = None,
-    separator_lengths: Mapping[str, int] | None = None,
-) -> list[SlicePlan]:
-    """Plans for the images of one request within ``max_visual_tokens`` (see :func:`budget_slice_limits`)."""
-    limits = budget_slice_limits(
-        sizes,
-        config,
-        num_queries=num_queries,
-        max_visual_tokens=max_visual_tokens,
-        separator_lengths=separator_lengths,
-    )
-    return [
-        plan_slices(w, h, config if limit == config.max_slices else replace(config, max_slices=limit))
-        for (w, h), limit in zip(sizes, limits, strict=True)
-    ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Images
 
 
 @dataclass(frozen=True)
@@ -211,21 +63,48 @@ class ImageBatch:
     plans: tuple[SlicePlan, ...]
 
 
+@dataclass(frozen=True)
+class PreparedConversation:
+    """One conversation ready for the model: its text as ids and labels, and its images' pieces.
+
+    ``text.input_ids`` and ``text.labels`` have length T (labels ``IGNORE_INDEX`` off the answers, and
+    everywhere for a generation prompt); ``text.visual_spans[i]`` is where image i's layout sits.
+    ``images`` holds (Pt, C*P*P) pixels and (N, 2) grids, empty for a text-only conversation.
+    """
+
+    text: EncodedSample
+    images: ImageBatch
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """A batch of one with the processor output's keys: ``input_ids``, ``attention_mask`` (1, T) and,
+        when there are images, ``pixel_values``, ``piece_grids``, ``pieces_per_image``."""
+        ids = torch.tensor([self.text.input_ids], dtype=torch.long)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.images.plans:
+            inputs["pixel_values"] = self.images.pixel_values
+            inputs["piece_grids"] = self.images.piece_grids
+            inputs["pieces_per_image"] = self.images.pieces_per_image
+        return inputs
+
+
 def _grids_tensor(plans: Sequence[SlicePlan]) -> torch.Tensor:
     grids = [grid for plan in plans for grid in plan.piece_grids]
     return torch.tensor(grids, dtype=torch.long).view(len(grids), 2)
 
 
 class LlavaUHDProcessor:
-    """Turns prompts with ``<image>`` placeholders and images into the model's inputs.
+    """Turns conversations or prompts with ``<image>`` placeholders, and images, into the model's inputs.
 
     Args:
-        tokenizer: any Hugging Face tokenizer; ``<image>`` is added to it as a special token if missing.
-        preset: a :class:`~llava_uhd.config.Preset` or its name; slicing, normalisation and Q come from it.
+        tokenizer: any Hugging Face tokenizer. When it lacks the image token, the processor adds it as a
+            special token to a copy (``self.tokenizer``); the caller's tokenizer is never changed.
+        preset: a :class:`~llava_uhd.config.Preset` or its name; slicing, normalisation, Q and the
+            default template come from it.
         padding_side: "right" for training, "left" for batched generation.
         resize_mode: "fast" (default) or "exact" (bit-faithful to the released pipeline); see
-            :mod:`llava_uhd.pixels`.
+            :mod:`llava_uhd.pixels`. Fast mode also decodes JPEGs at the DCT scale the plan needs.
         max_visual_tokens: default per-sample visual-token budget (None: unlimited).
+        image_token: the tokenizer's image placeholder token.
     """
 
     def __init__(
@@ -243,15 +122,16 @@ class LlavaUHDProcessor:
         if resize_mode not in RESIZE_MODES:
             raise ConfigError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         _check_budget(max_visual_tokens)
+        if image_token not in tokenizer.get_vocab():
+            tokenizer = copy.deepcopy(tokenizer)  # a shared tokenizer stays as the caller had it
+            tokenizer.add_tokens(
+                [AddedToken(image_token, special=True, normalized=False)], special_tokens=True
+            )
         self.tokenizer = tokenizer
         self.padding_side = padding_side
         self.resize_mode: ResizeMode = resize_mode
         self.max_visual_tokens = max_visual_tokens
         self.image_token = image_token
-        if image_token not in tokenizer.get_vocab():
-            tokenizer.add_tokens(
-                [AddedToken(image_token, special=True, normalized=False)], special_tokens=True
-            )
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(image_token)
         self.separator_ids = separator_token_ids(tokenizer)
         self.separator_lengths = {sep: len(ids) for sep, ids in self.separator_ids.items()}
@@ -271,70 +151,42 @@ class LlavaUHDProcessor:
         sizes: Sequence[tuple[int, int]],
         max_slices: int | None = None,
         max_visual_tokens: int | None = None,
+        *,
+        overview_only: bool = False,
     ) -> list[SlicePlan]:
-        """Plans for images of ``sizes`` (width, height) under a per-call slice limit and token budget."""
+        """Plans for images of ``sizes`` (width, height) under a per-call slice limit and token budget
+        (None: the processor's); ``overview_only`` then drops the slices (stage 1)."""
         config = self.slicing if max_slices is None else replace(self.slicing, max_slices=max_slices)
-        _check_budget(max_visual_tokens)
-        return plan_with_budget(
+        budget = self.max_visual_tokens if max_visual_tokens is None else max_visual_tokens
+        _check_budget(budget)
+        plans = plan_with_budget(
             sizes,
             config,
             num_queries=self.num_queries,
-            max_visual_tokens=max_visual_tokens,
+            max_visual_tokens=budget,
             separator_lengths=self.separator_lengths,
         )
+        return [overview_plan(plan) for plan in plans] if overview_only else plans
 
     def load_and_plan(
         self,
         images: Sequence[ImageSource],
         max_slices: int | None = None,
         max_visual_tokens: int | None = None,
+        *,
+        overview_only: bool = False,
     ) -> tuple[list[Image.Image], list[SlicePlan]]:
         """Decode and plan the images of one request (the token budget is shared across them).
 
         In fast mode, encoded sources are planned from their header and then decoded at the JPEG DCT
-        scale the plan allows (:func:`llava_uhd.pixels.draft_size`).
+        scale the plan allows (:func:`llava_uhd.images.load_planned`); exact mode decodes in full.
         """
-        budget = self.max_visual_tokens if max_visual_tokens is None else max_visual_tokens
-        limit = self.slicing.max_image_pixels
-        decoded: list[Image.Image | None] = [None] * len(images)
-        sizes: list[tuple[int, int]] = []
-        for i, source in enumerate(images):
-            if isinstance(source, _ENCODED_SOURCES) and self.resize_mode == "fast":
-                sizes.append(probe_image_size(source, max_pixels=limit))
-            else:
-                image = load_image(source, max_pixels=limit)
-                decoded[i] = image
-                sizes.append(image.size)
-        plans = self.plan_images(sizes, max_slices=max_slices, max_visual_tokens=budget)
-        loaded = self._decode_planned(images, decoded, plans)
-        # The header probe cannot see an EXIF orientation stored after a PNG's pixel data (the decoder
-        # meets it at the end): an image that decodes as the transpose of its probed size is planned
-        # again from what was decoded, and any other image whose plan that changes is decoded again.
-        turned = [
-            i
-            for i, (image, size) in enumerate(zip(loaded, sizes, strict=True))
-            if decoded[i] is None and size[0] != size[1] and image.size == (size[1], size[0])
-        ]
-        if turned:
-            for i in turned:
-                sizes[i], decoded[i] = loaded[i].size, loaded[i]
-            first, plans = plans, self.plan_images(sizes, max_slices=max_slices, max_visual_tokens=budget)
-            decoded = [
-                image if full is not None or old == new else None  # a draft for the old plan may not fit
-                for image, full, old, new in zip(loaded, decoded, first, plans, strict=True)
-            ]
-            loaded = self._decode_planned(images, decoded, plans)
-        return loaded, plans
-
-    def _decode_planned(
-        self, images: Sequence[ImageSource], decoded: list[Image.Image | None], plans: Sequence[SlicePlan]
-    ) -> list[Image.Image]:
-        """The decoded images, decoding the rest at the DCT scale each one's plan allows."""
-        limit = self.slicing.max_image_pixels
-        return [
-            image if image is not None else load_image(source, max_pixels=limit, draft_size=draft_size(plan))
-            for image, source, plan in zip(decoded, images, plans, strict=True)
-        ]
+        return load_planned(
+            images,
+            lambda sizes: self.plan_images(sizes, max_slices, max_visual_tokens, overview_only=overview_only),
+            max_pixels=self.slicing.max_image_pixels,
+            draft_size=draft_size if self.resize_mode == "fast" else None,
+        )
 
     def encode(self, images: Sequence[Image.Image], plans: Sequence[SlicePlan]) -> ImageBatch:
         """Pixels of decoded images and their plans, all in one preallocated buffer."""
@@ -350,11 +202,84 @@ class LlavaUHDProcessor:
         images: Sequence[ImageSource],
         max_slices: int | None = None,
         max_visual_tokens: int | None = None,
+        *,
+        overview_only: bool = False,
     ) -> ImageBatch:
         """Load, plan and encode the images of one request (no text)."""
-        return self.encode(*self.load_and_plan(images, max_slices, max_visual_tokens))
+        return self.encode(
+            *self.load_and_plan(images, max_slices, max_visual_tokens, overview_only=overview_only)
+        )
 
-    # ---- text + images ---------------------------------------------------------------------------
+    # ---- conversations ---------------------------------------------------------------------------
+
+    def encode_conversation(
+        self,
+        turns: Sequence[Turn],
+        plans: Sequence[SlicePlan],
+        template: str | Template | None = None,
+        *,
+        generation_prompt: bool = False,
+    ) -> EncodedSample:
+        """The ids and labels of ``turns`` in ``template`` (None: the preset's), the i-th ``<image>``
+        expanded into image i's layout from ``plans`` (:func:`llava_uhd.tokens.encode_conversation`).
+
+        Raises:
+            PlaceholderMismatchError: the turns, or the text the template renders from them, hold a
+                different number of placeholders than there are plans.
+        """
+        _check_placeholders(turns, len(plans))
+        layouts = [
+            image_layout_ids(plan, self.num_queries, self.image_token_id, self.separator_ids)
+            for plan in plans
+        ]
+        encoded = encode_conversation(
+            turns,
+            get_template(self.preset.template if template is None else template),
+            self.tokenizer,
+            layouts.__getitem__,
+            generation_prompt=generation_prompt,
+            anchor=self.image_token,
+        )
+        if len(encoded.visual_spans) != len(layouts):
+            raise PlaceholderMismatchError(
+                f"the template rendered {len(encoded.visual_spans)} of the {len(layouts)} image placeholder(s)"
+            )
+        return encoded
+
+    def prepare(
+        self,
+        turns: Sequence[Turn],
+        images: Sequence[ImageSource] = (),
+        template: str | Template | None = None,
+        *,
+        generation_prompt: bool = False,
+        overview_only: bool = False,
+        max_slices: int | None = None,
+        max_visual_tokens: int | None = None,
+    ) -> PreparedConversation:
+        """Ids, labels, pixels and piece grids of one conversation: the inputs of training and inference.
+
+        Args:
+            turns: the conversation; image i belongs to the i-th ``<image>`` of its text.
+            images: the sources (paths, bytes, PIL images, arrays), read by :meth:`load_and_plan`.
+            template: ``plain``, ``vicuna_v1``, ``chat_template`` or a template object (None: the preset's).
+            generation_prompt: the turns end with a user turn; render them up to where the answer starts.
+            overview_only: one piece per image, its overview (stage 1).
+            max_slices, max_visual_tokens: per-call limits (None: the processor's).
+
+        Raises:
+            PlaceholderMismatchError: the placeholders and the images differ in number.
+        """
+        _check_placeholders(turns, len(images))  # before any image is decoded
+        loaded, plans = (
+            self.load_and_plan(images, max_slices, max_visual_tokens, overview_only=overview_only)
+            if images
+            else ([], [])
+        )
+        text = self.encode_conversation(turns, plans, template, generation_prompt=generation_prompt)
+        return PreparedConversation(text, self.encode(loaded, plans))
+
+    # ---- prompt strings --------------------------------------------------------------------------
 
     def __call__(
         self,
@@ -369,6 +294,9 @@ class LlavaUHDProcessor:
     ) -> BatchFeature:
         """Tokenise ``text`` (one prompt or a batch) and encode its images.
 
+        Each prompt is tokenised whole by the tokenizer (its own special tokens with
+        ``add_special_tokens``), which for a prompt rendered by a template gives the ids of
+        :meth:`prepare` with ``generation_prompt=True``, up to the BOS the template adds.
         ``images`` is a flat list in the order the ``<image>`` placeholders appear across the batch, or
         one list per prompt. The token budget applies to each prompt's images together.
         Returns a BatchFeature with ``input_ids``, ``attention_mask`` (B, T) and, when there are images,
@@ -437,9 +365,7 @@ class LlavaUHDProcessor:
         return grouped
 
     def _pad(self, rows: list[list[int]], side: str) -> dict[str, torch.Tensor]:
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:  # Llama has no pad token; padded positions are masked out anyway
-            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        pad_id = pad_token_id(self.tokenizer)  # the collate's rule: training and inference pad alike
         length = max((len(r) for r in rows), default=0)
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -477,6 +403,14 @@ class LlavaUHDProcessor:
         options.update(overrides)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return cls(tokenizer, Preset.load(folder / PRESET_FILE), **options)
+
+
+def _check_placeholders(turns: Sequence[Turn], num_images: int) -> None:
+    placeholders = sum(turn.text.count(IMAGE_TOKEN) for turn in turns)
+    if placeholders != num_images:
+        raise PlaceholderMismatchError(
+            f"the turns have {placeholders} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given"
+        )
 
 
 def _check_padding_side(side: str) -> None:

@@ -5,13 +5,14 @@ whose area and aspect ratio stay close to the ViT's pre-training shape, plus a l
 It reproduces the released code's arithmetic exactly (truncating ``int()``, floor-based rounding to the
 patch size, strict-< tie breaking), because a one-pixel difference changes the ViT's input.
 :func:`apply_plan` then cuts a PIL image: one bicubic resize to the refine size, row-major crops, and
-one bicubic resize for the overview.
+one bicubic resize for the overview. :func:`overview_plan` drops a plan's slices.
 
 All sizes are ``Size(width, height)``; grids are ``Grid(rows, cols)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -204,6 +205,11 @@ def plan_slices(width: int, height: int, config: SlicingConfig | None = None) ->
             f"SlicingConfig(max_vit_patches=N)) if you really want this"
         )
     return plan
+
+
+def overview_plan(plan: SlicePlan) -> SlicePlan:
+    """The same plan without slices: its only piece is the overview (the paper's stage 1 trains on it)."""
+    return dataclasses.replace(plan, grid=None, slice_size=None)
 
 
 def apply_plan(

@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
-    from llava_uhd.inference.generate import GenerationOptions, answer, load_model_and_processor
+    from llava_uhd.auto import load_pretrained
+    from llava_uhd.inference.generate import GenerationOptions, answer
 
     options = GenerationOptions(  # checked before the (slow) model load
         max_new_tokens=args.max_new_tokens,
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
     )
     device = _device(args.device)
-    model, processor = load_model_and_processor(args.model, device=device, dtype=_dtype(args.dtype, device))
+    model, processor = load_pretrained(args.model, device=device, dtype=_dtype(args.dtype, device))
     images = [str(path) for path in args.image]
     text = answer(model, processor, images, args.question, **vars(options))
     if args.json:

@@ -16,19 +16,11 @@ from typing import Any, Literal
 
 import torch
 
-from llava_uhd.data.conversation import IGNORE_INDEX
 from llava_uhd.errors import ConfigError
+from llava_uhd.templates import IGNORE_INDEX
+from llava_uhd.tokens import pad_token_id
 
 PaddingSide = Literal["right", "left"]
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """The tokenizer's pad id, else its unk id (LLaVA's choice for Vicuna), else its eos id."""
-    for name in ("pad_token_id", "unk_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    raise ConfigError(f"tokenizer {type(tokenizer).__name__} has no pad, unk or eos token to pad with")
 
 
 def _pad(rows: Sequence[torch.Tensor], width: int, value: int, side: PaddingSide) -> torch.Tensor:
@@ -59,6 +51,7 @@ class LlavaCollator:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, padding_side: PaddingSide = "right") -> LlavaCollator:
+        """Pad with the id the processor pads with (:func:`llava_uhd.tokens.pad_token_id`)."""
         return cls(pad_token_id(tokenizer), padding_side)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,12 @@
 """The LLaVA training dataset: records in, model-ready samples out (images sliced in ``__getitem__``, so in
 DataLoader workers).
 
+Every sample is made by :meth:`~llava_uhd.processing.LlavaUHDProcessor.prepare`, the call inference
+makes with the same conversation up to the answer: the image files go to the processor, which decodes,
+plans and patchifies them as it does at inference (JPEGs at the DCT scale the plan needs, in fast mode),
+so a training sample's prompt, pixels and grids are the inference inputs. Only augmentation, when
+enabled, decodes here first, because it changes the image before planning.
+
 A sample is a dict: ``id``; ``input_ids`` and ``labels`` (T,) long; ``pixel_values`` (Pt, C*P*P) float32
 and ``piece_grids`` (N, 2) long (empty for text-only samples); ``pieces_per_image`` (n_images,) long;
 ``num_text_tokens`` and ``num_visual_tokens`` (ints, for the length sampler).
@@ -23,23 +29,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image
 
 from llava_uhd.config import Preset
 from llava_uhd.data.augment import AugmentConfig, augment_image
-from llava_uhd.data.conversation import encode_conversation, parse_record, record_id, truncate
-from llava_uhd.data.pieces import encode_image, visual_length
-from llava_uhd.data.templates import MalformedConversationError, Template, get_template
-from llava_uhd.errors import BadSampleError, ConfigError, ImageLoadError, ImageSizeError, PlanLimitError
-from llava_uhd.images import load_image, probe_image_size
+from llava_uhd.data.conversation import Conversation, parse_record, record_id, truncate
+from llava_uhd.errors import (
+    BadSampleError,
+    ConfigError,
+    ImageLoadError,
+    ImageSizeError,
+    PlaceholderMismatchError,
+    PlanLimitError,
+    TokenBudgetError,
+)
+from llava_uhd.images import ImageSource, load_image, probe_image_size
 from llava_uhd.processing import LlavaUHDProcessor
+from llava_uhd.templates import MalformedConversationError, Template, get_template
 
 logger = logging.getLogger(__name__)
 
 BadSamplePolicy = Literal["error", "skip"]
 
 # The image failures a record can cause, turned into a BadSampleError for the skip policy.
-_IMAGE_ERRORS = (ImageLoadError, ImageSizeError, PlanLimitError)
+_IMAGE_ERRORS = (ImageLoadError, ImageSizeError, PlanLimitError, TokenBudgetError)
 # Per-sample RNG seeds mix (seed, epoch, index) with these odd multipliers so nearby triples do not collide.
 _EPOCH_MIX, _INDEX_MIX = 1_000_003, 7_919
 
@@ -103,8 +115,8 @@ class LlavaDataset(torch.utils.data.Dataset):
     Args:
         records: a list of records, or a path to a LLaVA JSON / JSONL file.
         image_folder: the folder record image paths are relative to.
-        processor: the :class:`~llava_uhd.processing.LlavaUHDProcessor`: tokenizer (with ``<image>``),
-            preset, separator ids and resize mode.
+        processor: the :class:`~llava_uhd.processing.LlavaUHDProcessor` that makes every sample
+            (tokenizer with ``<image>``, preset, resize mode, token budget).
         template: ``plain``, ``vicuna_v1``, ``chat_template`` or a template object.
         max_length: the most tokens of a sample (text + visual); longer text is cut, never a visual block.
         overview_only: stage 1 (DESIGN.md section 7): one piece per image, the overview.
@@ -172,11 +184,15 @@ class LlavaDataset(torch.utils.data.Dataset):
     def _image_path(self, relative: str) -> Path:
         return self.image_folder / relative if self.image_folder is not None else Path(relative)
 
-    def _load(self, relative: str, sample_id: str, rng: random.Random) -> Image.Image:
+    def _source(self, relative: str, sample_id: str, rng: random.Random) -> ImageSource:
+        """What the processor reads for an image: its file, or with augmentation the augmented pixels."""
+        path = self._image_path(relative)
+        if not self.augment.enabled:
+            return path
         try:
-            image = load_image(self._image_path(relative), self.preset.slicing.max_image_pixels)
+            image = load_image(path, self.preset.slicing.max_image_pixels)
         except ImageLoadError as exc:
-            raise BadSampleError(sample_id, f"image {relative!r} cannot be loaded: {exc}") from None
+            raise BadSampleError(sample_id, _image_reason(relative, exc)) from None
         return augment_image(image, self.augment, rng)
 
     def build(self, index: int) -> dict[str, Any]:
@@ -184,36 +200,43 @@ class LlavaDataset(torch.utils.data.Dataset):
         conversation = parse_record(self.records[index], index)
         sid = conversation.id
         rng = random.Random(self.seed * _EPOCH_MIX * _INDEX_MIX + self.epoch * _INDEX_MIX + index)
-        images = []
-        for path in conversation.images:
-            image = self._load(path, sid, rng)
-            try:
-                images.append(encode_image(image, self.processor, self.overview_only))
-            except _IMAGE_ERRORS as exc:
-                raise BadSampleError(sid, f"image {path!r}: {exc}") from None
+        sources = [self._source(path, sid, rng) for path in conversation.images]
         try:
-            encoded = encode_conversation(
-                conversation.turns, self.template, self.tokenizer, lambda i: images[i].layout_ids
+            prepared = self.processor.prepare(
+                conversation.turns, sources, self.template, overview_only=self.overview_only
             )
         except MalformedConversationError as exc:
             raise BadSampleError(sid, f"malformed turns: {exc}") from None
-        encoded = truncate(encoded, self.max_length, sid)
-        patch_dim = len(self.preset.slicing.image_mean) * self.preset.slicing.patch_size**2
-        if images:
-            pixel_values = torch.cat([im.pixel_values for im in images])
-            piece_grids = torch.cat([im.piece_grids for im in images])
-        else:  # text-only: no pieces
-            pixel_values, piece_grids = torch.zeros(0, patch_dim), torch.zeros(0, 2, dtype=torch.long)
+        except PlaceholderMismatchError as exc:  # a template that renders fewer placeholders than it got
+            raise BadSampleError(sid, f"image-count mismatch: {exc}") from None
+        except _IMAGE_ERRORS as exc:
+            raise BadSampleError(sid, self._image_failure(conversation, sources, exc)) from None
+        encoded = truncate(prepared.text, self.max_length, sid)
+        images = prepared.images
         return {
             "id": sid,
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
-            "pixel_values": pixel_values,
-            "piece_grids": piece_grids,
-            "pieces_per_image": torch.tensor([len(im.piece_grids) for im in images], dtype=torch.long),
+            "pixel_values": images.pixel_values,
+            "piece_grids": images.piece_grids,
+            "pieces_per_image": images.pieces_per_image,
             "num_text_tokens": encoded.num_text_tokens,
             "num_visual_tokens": encoded.num_visual_tokens,
         }
+
+    def _image_failure(
+        self, conversation: Conversation, sources: Sequence[ImageSource], error: Exception
+    ) -> str:
+        """The skip reason for an image error of a record: which image, found by preparing each alone
+        (on this failure path only); an error no single image causes (a shared budget) names them all."""
+        if len(sources) > 1:
+            for relative, source in zip(conversation.images, sources, strict=True):
+                try:
+                    self.processor.load_and_plan([source], overview_only=self.overview_only)
+                except _IMAGE_ERRORS as exc:
+                    return _image_reason(relative, exc)
+            return f"images {list(conversation.images)}: {error}"
+        return _image_reason(conversation.images[0], error)
 
     def lengths(self) -> list[int]:
         """Each record's total length (text + visual tokens, capped at ``max_length``) for the sampler.
@@ -230,11 +253,17 @@ class LlavaDataset(torch.utils.data.Dataset):
         limit = self.preset.slicing.max_image_pixels
         try:
             conversation = parse_record(self.records[index], index)
-            visual = 0
-            for path in conversation.images:
-                size = probe_image_size(self._image_path(path), max_pixels=limit)  # header only
-                visual += visual_length(size, self.processor, self.overview_only)
-            text = encode_conversation(conversation.turns, self.template, self.tokenizer, lambda i: [])
-        except (BadSampleError, MalformedConversationError, *_IMAGE_ERRORS):
+            sizes = [  # header only
+                probe_image_size(self._image_path(path), max_pixels=limit) for path in conversation.images
+            ]
+            plans = self.processor.plan_images(sizes, overview_only=self.overview_only)
+            encoded = self.processor.encode_conversation(conversation.turns, plans, self.template)
+        except (BadSampleError, MalformedConversationError, PlaceholderMismatchError, *_IMAGE_ERRORS):
             return 0
-        return min(len(text.input_ids) + visual, self.max_length)
+        return min(len(encoded.input_ids), self.max_length)
+
+
+def _image_reason(relative: str, error: Exception) -> str:
+    if isinstance(error, ImageLoadError):
+        return f"image {relative!r} cannot be loaded: {error}"
+    return f"image {relative!r}: {error}"

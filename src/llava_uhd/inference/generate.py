@@ -1,23 +1,29 @@
 """Answer one question about one or more images with a saved LLaVA-UHD model.
 
-:func:`answer` is the whole path: the question goes into the model's conversation template (``vicuna_v1``
-for the released checkpoint) with one ``<image>`` per image in front, the processor slices the images with
-the slicing saved beside the weights and expands the placeholders, the model generates, and the new
-tokens are decoded. Chat and serving build on it.
+:func:`answer` is the whole path: the question becomes a user turn with one ``<image>`` per image in
+front, the processor prepares that conversation with the answer left open
+(:meth:`~llava_uhd.processing.LlavaUHDProcessor.prepare` with ``generation_prompt=True``: the model's
+template, ``vicuna_v1`` for the released checkpoint, and the slicing saved beside the weights), the model
+generates, and the new tokens are decoded. It is the same call that made the training samples, so the
+prompt, pixels and grids are what the model was trained on. Load a folder with
+:func:`llava_uhd.auto.load_pretrained`. Chat and serving build on this.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llava_uhd.data.templates import IMAGE_PLACEHOLDER, Turn, get_template
-from llava_uhd.errors import CheckpointError, ConfigError
+from llava_uhd.errors import ConfigError
 from llava_uhd.images import ImageSource
+from llava_uhd.templates import IMAGE_TOKEN, Turn, get_template
+from llava_uhd.tokens import pad_token_id
+
+if TYPE_CHECKING:
+    from llava_uhd.processing import LlavaUHDProcessor, PreparedConversation
 
 
 @dataclass(frozen=True)
@@ -54,47 +60,38 @@ class GenerationOptions:
         return kwargs
 
 
-def build_prompt(question: str, num_images: int, template: str, tokenizer: Any) -> str:
-    """The generation prompt: one ``<image>`` per image, then the question, in ``template``.
+def question_turns(question: str, num_images: int) -> list[Turn]:
+    """The conversation of one question: a user turn with one ``<image>`` per image, then the question.
 
     Images go first, each on its own line, as LLaVA's evaluation writes them; a question that already
     holds ``<image>`` placeholders is used as is and must hold exactly one per image.
     """
-    placeholders = question.count(IMAGE_PLACEHOLDER)
+    placeholders = question.count(IMAGE_TOKEN)
     if placeholders == 0:
-        question = f"{IMAGE_PLACEHOLDER}\n" * num_images + question
+        question = f"{IMAGE_TOKEN}\n" * num_images + question
     elif placeholders != num_images:
         raise ConfigError(
-            f"the question has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)"
+            f"the question has {placeholders} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)"
         )
-    return get_template(template).generation_prompt([Turn("user", question)], tokenizer)
+    return [Turn("user", question)]
 
 
-def load_model_and_processor(
-    folder: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> tuple[Any, Any]:
-    """Load a saved model folder (weights, config, tokenizer and processor files) for inference."""
-    from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
-    from llava_uhd.processing import LlavaUHDProcessor
+def build_prompt(question: str, num_images: int, template: str, tokenizer: Any) -> str:
+    """The generation prompt text of :func:`question_turns` in ``template``."""
+    return get_template(template).generation_prompt(question_turns(question, num_images), tokenizer)
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such model folder")
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"{folder}: no config.json (expected a folder written by save_pretrained or convert)"
-        )
-    options: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-    model = LlavaUHDForConditionalGeneration.from_pretrained(str(folder), **options).eval()
-    if device is not None:
-        model = model.to(device)
-    processor = LlavaUHDProcessor.from_pretrained(str(folder))
-    return model, processor
+
+def prompt_inputs(
+    processor: LlavaUHDProcessor, images: Sequence[ImageSource], question: str, template: str
+) -> PreparedConversation:
+    """The model inputs for ``question`` about ``images``: the conversation prepared up to the answer."""
+    turns = question_turns(question, len(images))
+    return processor.prepare(turns, images, template, generation_prompt=True)
 
 
 def answer(
     model: Any,
-    processor: Any,
+    processor: LlavaUHDProcessor,
     images: ImageSource | Sequence[ImageSource],
     question: str,
     **options: Any,
@@ -107,13 +104,14 @@ def answer(
     settings = GenerationOptions(**options)
     sources = list(images) if isinstance(images, list | tuple) else [images]
     tokenizer = processor.tokenizer
-    prompt = build_prompt(question, len(sources), model.config.template, tokenizer)
-    inputs = processor(prompt, sources)  # loads, slices (the saved slicing) and expands the placeholders
-    inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prepared = prompt_inputs(processor, sources, question, model.config.template)
+    inputs = {k: v.to(model.device) for k, v in prepared.model_inputs().items()}
     with torch.inference_mode():
         output = model.generate(
-            **inputs, **settings.generate_kwargs(), pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id
+            **inputs,
+            **settings.generate_kwargs(),
+            pad_token_id=pad_token_id(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
         )
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

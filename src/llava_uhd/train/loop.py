@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llava_uhd.errors import ConfigError
+from llava_uhd.templates import IGNORE_INDEX
 from llava_uhd.train import parallel
 from llava_uhd.train.batches import BatchGeometry, StepLoader, epoch_order, rank_steps
 from llava_uhd.train.checkpointing import (
@@ -44,7 +45,6 @@ from llava_uhd.train.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label of positions without loss (prompt, image placeholders, padding)
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "piece_grids")
 
 

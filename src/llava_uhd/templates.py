@@ -1,7 +1,11 @@
-"""Conversation templates (DESIGN.md section 6): a list of turns in, text pieces that do or do not carry
-loss out. No tokenization happens here; :mod:`llava_uhd.data.conversation` tokenizes the pieces one by one
-and concatenates them, so the boundary between prompt and answer is exact by construction (LLaVA instead
-tokenizes the whole prompt and re-derives the boundary with length arithmetic and ``- 2`` offsets).
+"""Prompt templates: a list of turns in, text pieces that do or do not carry loss out. A template belongs
+to the checkpoint (its name is saved in the model config and the preset), so training data and inference
+both render prompts through this module.
+
+No tokenization happens here; :func:`llava_uhd.tokens.encode_conversation` tokenizes the pieces one by
+one and concatenates them, so the boundary between prompt and answer is exact by construction (LLaVA
+instead tokenizes the whole prompt and re-derives the boundary with length arithmetic and ``- 2``
+offsets).
 
 Three templates:
 
@@ -14,7 +18,8 @@ Three templates:
 * ``chat_template``: the tokenizer's own Jinja chat template, rendered incrementally to find where each
   assistant answer starts and ends.
 
-``<image>`` placeholders stay in the text; the tokenizer step replaces each with the visual layout.
+``<image>`` placeholders (:data:`IMAGE_TOKEN`) stay in the text; tokenization replaces each with the
+image's visual layout. No torch here.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any, Literal, Protocol
 
 from llava_uhd.errors import ConfigError, LlavaUHDError
 
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_TOKEN = "<image>"  # the placeholder of one image, in conversation text and in the tokenizer
+IGNORE_INDEX = -100  # the label of positions without loss (torch's cross-entropy default ignore_index)
 
 # LLaVA's conv_vicuna_v1 system prompt, verbatim (DESIGN.md section 6).
 VICUNA_SYSTEM = (
@@ -106,14 +112,14 @@ class PlainTemplate:
         answer = next((t for t in dialog if t.role == "assistant"), None)
         if answer is None:
             raise MalformedConversationError("the plain template needs an assistant turn (the caption)")
-        images = IMAGE_PLACEHOLDER * (user.text.count(IMAGE_PLACEHOLDER) if user is not None else 0)
+        images = IMAGE_TOKEN * (user.text.count(IMAGE_TOKEN) if user is not None else 0)
         end = self.end if self.end is not None else _eos_text(tokenizer)
         return [Piece(images, False), Piece(answer.text + end, True)]
 
     def generation_prompt(self, turns: Sequence[Turn], tokenizer: Any) -> str:
         _, dialog = split_system(turns)
         user = next((t for t in dialog if t.role == "user"), None)
-        return IMAGE_PLACEHOLDER * (user.text.count(IMAGE_PLACEHOLDER) if user is not None else 0)
+        return IMAGE_TOKEN * (user.text.count(IMAGE_TOKEN) if user is not None else 0)
 
 
 @dataclass(frozen=True)
