@@ -279,6 +279,23 @@ class LlavaUHDProcessor:
         text = self.encode_conversation(turns, plans, template, generation_prompt=generation_prompt)
         return PreparedConversation(text, self.encode(loaded, plans))
 
+    def batch_inputs(
+        self, prepared: Sequence[PreparedConversation], padding_side: str = "left"
+    ) -> dict[str, torch.Tensor]:
+        """Several prepared conversations as one batch for ``generate`` (left-padded by default).
+
+        Pieces of every image are concatenated in conversation order, the order the model fills the
+        placeholders in; conversations may hold images of different slice counts.
+        """
+        _check_padding_side(padding_side)
+        inputs = self._pad([p.text.input_ids for p in prepared], padding_side)
+        with_images = [p.images for p in prepared if p.images.plans]
+        if with_images:
+            inputs["pixel_values"] = torch.cat([b.pixel_values for b in with_images])
+            inputs["piece_grids"] = torch.cat([b.piece_grids for b in with_images])
+            inputs["pieces_per_image"] = torch.cat([b.pieces_per_image for b in with_images])
+        return inputs
+
     # ---- prompt strings --------------------------------------------------------------------------
 
     def __call__(

@@ -1,8 +1,9 @@
 """Ask a saved model a question about one or more images.
 
 ``llava-uhd ask --model DIR --image IMG "question"`` loads DIR (written by ``save_pretrained`` or by
-``llava-uhd convert``), slices the images with the slicing saved in DIR (official-v1's after conversion),
-and prints the answer. ``--image`` may be repeated; the images go before the question, in order.
+``llava-uhd convert``; without ``--model``, the bundled synthdoc model), slices the images with the slicing
+saved in DIR (official-v1's after conversion), and prints only the answer. ``--image`` may be repeated; the
+images go before the question, in order.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llava_uhd.commands._common import add_decoding_arguments, decoding_options
 from llava_uhd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -24,16 +26,17 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("question", help="the question (images are placed before it)")
-    parser.add_argument("--model", required=True, type=Path, metavar="DIR", help="a saved model folder")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a saved model folder (default: the bundled model)",
+    )
     parser.add_argument(
         "--image", action="append", default=[], metavar="IMG", help="an image file; repeat for several images"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (256)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature (0: no sampling)"
-    )
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature")
+    add_decoding_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype",
@@ -46,20 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llava_uhd.auto import load_pretrained
+    from llava_uhd.bundled import model_dir
     from llava_uhd.inference.generate import GenerationOptions, answer
 
-    options = GenerationOptions(  # checked before the (slow) model load
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        temperature=args.temperature,
-        top_p=args.top_p,
-    )
+    options = GenerationOptions(**decoding_options(args))  # checked before the (slow) model load
+    folder = model_dir(args.model)
     device = _device(args.device)
-    model, processor = load_pretrained(args.model, device=device, dtype=_dtype(args.dtype, device))
+    model, processor = load_pretrained(folder, device=device, dtype=_dtype(args.dtype, device))
     images = [str(path) for path in args.image]
     text = answer(model, processor, images, args.question, **vars(options))
     if args.json:
-        record = {"model": str(args.model), "images": images, "question": args.question, "answer": text}
+        record = {"model": str(folder), "images": images, "question": args.question, "answer": text}
         sys.stdout.write(json.dumps(record) + "\n")
     else:
         sys.stdout.write(text + "\n")

@@ -1,7 +1,8 @@
 """Answer many (images, question) requests in batches through the model's batched generation.
 
-Requests of one batch may carry images of different slice counts: the processor packs every piece of
-every image into one pixel buffer and left-pads the prompts, and the model fills each prompt's visual
+Requests of one batch may carry images of different slice counts: each is prepared by the processor's
+primitive (``LlavaUHDProcessor.prepare``), then every piece of every image goes into one pixel buffer and
+the prompts are left-padded, and the model fills each prompt's visual
 placeholders in order (docs/INTERFACES.md). A request whose image cannot be read fails alone: its answer
 is the error, and the rest of its batch still runs.
 """
@@ -15,9 +16,9 @@ from typing import Any
 import torch
 
 from llava_uhd.errors import LlavaUHDError
-from llava_uhd.images import ImageSource, load_image
-from llava_uhd.inference.generate import GenerationOptions, build_prompt
-from llava_uhd.layout import visual_token_count
+from llava_uhd.images import ImageSource
+from llava_uhd.inference.generate import GenerationOptions, question_turns
+from llava_uhd.tokens import pad_token_id
 
 
 @dataclass(frozen=True)
@@ -48,47 +49,42 @@ def answer_batch(
 ) -> list[Answer]:
     """Answer ``requests`` in one generate call; ``options`` are :class:`GenerationOptions` fields.
 
-    ``max_slices`` caps the slices of every image (1: the overview alone). Images are decoded first, so
-    a broken one turns into that request's error instead of failing the batch.
+    Each request is prepared by the processor's one primitive (as training prepares a sample), then the
+    batch is left-padded. ``max_slices`` caps the slices of every image (1: the overview alone). A request
+    whose images cannot be read or planned gets that error as its answer; the others still run.
     """
     settings = GenerationOptions(**options)
     tokenizer = processor.tokenizer
     answers: list[Answer | None] = [None] * len(requests)
-    prompts, images, live = [], [], []
+    prepared, live = [], []
     for i, request in enumerate(requests):
         try:
-            loaded = [
-                load_image(source, max_pixels=processor.slicing.max_image_pixels) for source in request.images
-            ]
-            prompt = build_prompt(request.question, len(loaded), model.config.template, tokenizer)
+            turns = question_turns(request.question, len(request.images))
+            prepared.append(
+                processor.prepare(
+                    turns,
+                    request.images,
+                    model.config.template,
+                    generation_prompt=True,
+                    max_slices=max_slices,
+                )
+            )
         except LlavaUHDError as exc:
             answers[i] = Answer(None, str(exc))
             continue
-        prompts.append(prompt)
-        images.append(loaded)
         live.append(i)
     if live:
-        inputs = processor(prompts, images, padding_side="left", max_slices=max_slices, return_plans=True)
-        plans = iter(inputs.plans)
-        tokens = [
-            sum(
-                visual_token_count(next(plans), processor.num_queries, processor.separator_lengths)
-                for _ in imgs
-            )
-            for imgs in images
-        ]
-        inputs = {k: v.to(model.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        inputs = {k: v.to(model.device) for k, v in processor.batch_inputs(prepared).items()}
         with torch.inference_mode():
             output = model.generate(
                 **inputs,
                 **settings.generate_kwargs(),
-                pad_token_id=pad_id,
+                pad_token_id=pad_token_id(tokenizer),
                 eos_token_id=tokenizer.eos_token_id,
             )
         texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for i, text, n in zip(live, texts, tokens, strict=True):
-            answers[i] = Answer(text.strip(), None, int(n))
+        for i, text, p in zip(live, texts, prepared, strict=True):
+            answers[i] = Answer(text.strip(), None, p.text.num_visual_tokens)
     return [a for a in answers if a is not None]
 
 

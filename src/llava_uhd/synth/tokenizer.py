@@ -28,7 +28,7 @@ SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
 
 def corpus(extra: tuple[str, ...] = ()) -> list[str]:
     """The training text: every question and answer form of synthdoc, the template's words and ``extra``."""
-    from llava_uhd.data.templates import VICUNA_SYSTEM
+    from llava_uhd.templates import VICUNA_SYSTEM
 
     codes = ["".join(p) for p in product(CODE_ALPHABET, repeat=2)]
     lines = [VICUNA_SYSTEM, "USER: ASSISTANT:", CAPTION_PROMPT, count_question()]

@@ -121,7 +121,9 @@ def prepare_model(model: nn.Module, config: TrainConfig, stage: StageSpec) -> li
                 f"model.init_from: {list(modules)} mismatch, missing {missing}, unexpected "
                 f"{sorted(result.unexpected_keys)}"
             )
-        logger.info("%s initialised from %s (%d tensors)", "/".join(modules), config.model.init_from, len(weights))
+        logger.info(
+            "%s initialised from %s (%d tensors)", "/".join(modules), config.model.init_from, len(weights)
+        )
     lora = config.lora.r > 0
     if lora:
         add_lora(model, config.lora)

@@ -42,7 +42,13 @@ STAGES: dict[str, StageSpec] = {
     # Stage 0 stands in for CLIP's pretraining where no CLIP weights exist: the tower and its dense heads
     # learn to read synthdoc pages patch by patch, then stay frozen (llava_uhd.train.dense_stage).
     "stage0": StageSpec(
-        "stage0", (VISION, DENSE_HEADS), "all", lr=1.5e-3, global_batch_size=1, template=None, task="dense_vision"
+        "stage0",
+        (VISION, DENSE_HEADS),
+        "all",
+        lr=1.5e-3,
+        global_batch_size=1,
+        template=None,
+        task="dense_vision",
     ),
     # Stage 1 aligns the fresh resampler to a frozen ViT and LLM on captions, overview only, lr 1e-3, batch 256.
     "stage1": StageSpec("stage1", (RESAMPLER,), "overview", lr=1e-3, global_batch_size=256, template="plain"),
