@@ -76,11 +76,26 @@ def build_data(config: TrainConfig, stage: StageSpec, processor: Any, rank: int)
         eval_set = LlavaDataset(eval_path, eval_images, **common)
     return TrainData(
         dataset=train,
+        eval_metrics=_synthdoc_metrics(processor, data.synthdoc_eval_pages, config.seed),
         collate=LlavaCollator.for_tokenizer(processor.tokenizer),
         lengths=train.lengths() if data.group_by_length else None,
         eval_dataset=eval_set,
         skipped=lambda: len(read_skip_log(skip_log)),
     )
+
+
+def _synthdoc_metrics(processor: Any, pages: int, seed: int) -> Any:
+    """The synthdoc accuracy of the model on ``pages`` validation pages, flattened for metrics.jsonl."""
+    if pages <= 0:
+        return None
+
+    def metrics(model: torch.nn.Module) -> dict[str, Any]:
+        from llava_uhd.eval.synthdoc import evaluate_synthdoc
+
+        report = evaluate_synthdoc(model, processor, pages, seed=seed, split="validation")
+        return {f"synthdoc_{k}": v["accuracy"] for k, v in report["targets"].items()}
+
+    return metrics
 
 
 def resolve_resume(config: TrainConfig, resume: bool | str | Path) -> Path | None:

@@ -291,17 +291,13 @@ class Trainer:
                         history.append(record)
                     metrics.advance()
                     periodic_eval = cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps
-                    if periodic_eval and self.data.eval_dataset is not None:
+                    if periodic_eval and self._has_eval:
                         eval_loss = self._eval_and_log(engine, metrics, state)
                     if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                         checkpoint = self._save(engine, scheduler, state, config_yaml)
                     if step >= self.total_steps:
                         break
-            eval_loss = (
-                self._eval_and_log(engine, metrics, state)
-                if self.data.eval_dataset is not None
-                else eval_loss
-            )
+            eval_loss = self._eval_and_log(engine, metrics, state) if self._has_eval else eval_loss
             checkpoint = self._save(engine, scheduler, state, config_yaml)
         finally:
             metrics.close()
@@ -375,12 +371,21 @@ class Trainer:
         totals = parallel.all_reduce_sum(totals)
         return float(totals[0] / totals[1].clamp_min(1.0))
 
-    def _eval_and_log(self, engine: parallel.Engine, metrics: MetricsLogger, state: TrainerState) -> float:
-        loss = self.evaluate(engine)
+    @property
+    def _has_eval(self) -> bool:
+        return self.data.eval_dataset is not None or self.data.eval_metrics is not None
+
+    def _eval_and_log(
+        self, engine: parallel.Engine, metrics: MetricsLogger, state: TrainerState
+    ) -> float | None:
+        loss = self.evaluate(engine) if self.data.eval_dataset is not None else None
         extra = {}
         if self.data.eval_metrics is not None and self.rank == 0:
+            engine.model.eval()
             extra = self.data.eval_metrics(self.module)
-        metrics.log(state.global_step, state.samples_seen, eval_loss=loss, **extra)
+            engine.model.train()
+        values = {"eval_loss": loss} if loss is not None else {}
+        metrics.log(state.global_step, state.samples_seen, **values, **extra)
         metrics.reset_clock(state.samples_seen)
         return loss
 

@@ -1,0 +1,52 @@
+"""Copy a trained synthdoc model folder into the package as the bundled model (what `ask` uses by default).
+
+    python scripts/export_bundled.py RUNS/stage2/final
+
+Writes src/llava_uhd/assets/synthdoc-model/: the weights (safetensors), config, tokenizer, processor and
+preset files; checks that the copy loads and answers like the source on a few test pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from llava_uhd.auto import load_pretrained
+from llava_uhd.eval.synthdoc import evaluate_synthdoc
+
+TARGET = Path(__file__).resolve().parents[1] / "src" / "llava_uhd" / "assets" / "synthdoc-model"
+KEEP = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "llava_uhd_preset.yaml",
+    "llava_uhd_processor.json",
+    "chat_template.jinja",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("source", type=Path, help="a trained model folder (RUNS/stage2/final)")
+    args = parser.parse_args()
+    if TARGET.exists():
+        shutil.rmtree(TARGET)
+    TARGET.mkdir(parents=True)
+    for name in sorted(p.name for p in args.source.iterdir()):
+        if name in KEEP:
+            shutil.copy(args.source / name, TARGET / name)
+    source = evaluate_synthdoc(*load_pretrained(args.source), documents=4)
+    copy = evaluate_synthdoc(*load_pretrained(TARGET), documents=4)
+    assert source == copy, (source["by_kind"], copy["by_kind"])
+    size = sum(p.stat().st_size for p in TARGET.iterdir())
+    print(f"bundled model written to {TARGET} ({size / 2**20:.1f} MiB); answers match the source")
+
+
+if __name__ == "__main__":
+    main()
