@@ -18,11 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llava_uhd.errors import CheckpointError
 from llava_uhd.train.checkpointing import (
-    CheckpointError,
     CheckpointIO,
     TrainerState,
     capture_rng,
+    check_compatible,
     latest_checkpoint,
     list_checkpoints,
     restore_rng,
@@ -170,6 +171,14 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
     other = CheckpointIO(tmp_path, rank=0, world_size=2, barrier=lambda: None, keep_last=2)
     with pytest.raises(CheckpointError, match="saved with 1 processes, resuming with 2"):
         other.load_state(latest_checkpoint(tmp_path))
+
+
+def test_resume_with_another_batch_geometry_is_refused(tmp_path: Path) -> None:
+    path = _save(_io(tmp_path), 1)
+    state = _io(tmp_path).load_state(path)
+    check_compatible(state, global_batch_size=4, micro_batch_size=2, path=path)
+    with pytest.raises(CheckpointError, match="saved with global/micro batch 4/2, this run uses 8/2"):
+        check_compatible(state, global_batch_size=8, micro_batch_size=2, path=path)
 
 
 def test_rng_states_round_trip() -> None:

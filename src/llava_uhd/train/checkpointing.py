@@ -29,17 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from llava_uhd.errors import ConfigError, LlavaUHDError
+from llava_uhd.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STEP_DIGITS = 6
-
-
-class CheckpointError(LlavaUHDError, ValueError):
-    """A checkpoint is missing, incomplete or does not fit the current run."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +179,7 @@ class CheckpointIO:
 def check_compatible(state: TrainerState, global_batch_size: int, micro_batch_size: int, path: Path) -> None:
     """An exact resume needs the batch geometry it was saved with."""
     if (state.global_batch_size, state.micro_batch_size) != (global_batch_size, micro_batch_size):
-        raise ConfigError(
+        raise CheckpointError(
             f"{path}: saved with global/micro batch {state.global_batch_size}/{state.micro_batch_size}, "
             f"this run uses {global_batch_size}/{micro_batch_size}"
         )

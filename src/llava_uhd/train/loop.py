@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llava_uhd.errors import ConfigError
+from llava_uhd.errors import CheckpointError, ConfigError
 from llava_uhd.train import parallel
 from llava_uhd.train.batches import BatchGeometry, StepLoader, epoch_order, rank_steps
 from llava_uhd.train.checkpointing import (
@@ -189,7 +189,7 @@ class Trainer:
         weights = load_file(str(folder / MODEL_FILE))
         missing = sorted(set(self.trainable_names) - set(weights))
         if missing:
-            raise ConfigError(
+            raise CheckpointError(
                 f"{folder}: checkpoint lacks trainable weights {missing[:5]} (of {len(missing)})"
             )
         self.module.load_state_dict(weights, strict=False)

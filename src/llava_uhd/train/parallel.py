@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llava_uhd.errors import ConfigError
+from llava_uhd.errors import CheckpointError, ConfigError
 from llava_uhd.train.stages import VISION
 
 
@@ -324,7 +324,7 @@ class DeepSpeedEngine(Engine):
     def load(self, folder: Path, rank: int) -> None:
         path, _ = self.model.load_checkpoint(str(folder / "engine"), tag="state", load_module_strict=False)
         if path is None:
-            raise ConfigError(f"{folder}: DeepSpeed could not load its engine state")
+            raise CheckpointError(f"{folder}: DeepSpeed could not load its engine state")
 
 
 def deepspeed_config(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from llava_uhd.config import Preset, get_preset
-from llava_uhd.errors import ConfigError
+from llava_uhd.errors import CheckpointError, ConfigError
 from llava_uhd.train.checkpointing import MODEL_FILE, STATE_FILE, latest_checkpoint
 from llava_uhd.train.config import TrainConfig
 from llava_uhd.train.lora import add_lora
@@ -104,7 +104,7 @@ def resampler_weights(path: str | Path) -> dict[str, torch.Tensor]:
     prefix = f"{RESAMPLER}."
     found = {k: v for k, v in weights.items() if k.startswith(prefix)}
     if not found:
-        raise ConfigError(f"model.init_from {str(path)!r} holds no {prefix}* weights")
+        raise CheckpointError(f"model.init_from {str(path)!r} holds no {prefix}* weights")
     return found
 
 
@@ -115,7 +115,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, stage: StageSpec) -> li
         result = model.load_state_dict(weights, strict=False)
         missing = sorted(k for k in result.missing_keys if k.startswith(f"{RESAMPLER}."))
         if missing or result.unexpected_keys:
-            raise ConfigError(
+            raise CheckpointError(
                 f"model.init_from: resampler mismatch, missing {missing}, unexpected "
                 f"{sorted(result.unexpected_keys)}"
             )
