@@ -27,6 +27,20 @@ FORBIDDEN: dict[str, set[str]] = {
         "cli",
         "commands",
     },
+    "serialize": {
+        "config",
+        "slicing",
+        "layout",
+        "processing",
+        "images",
+        "model",
+        "data",
+        "train",
+        "inference",
+        "eval",
+        "cli",
+        "commands",
+    },
     "slicing": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
     "layout": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
     "images": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
@@ -37,7 +51,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "eval": {"train", "cli", "commands"},
     "train": {"cli", "commands"},
 }
-TORCH_FREE = {"config", "slicing", "layout", "errors", "images"}
+TORCH_FREE = {"config", "serialize", "slicing", "layout", "errors", "images"}
 
 
 def _part(path: Path) -> str:
