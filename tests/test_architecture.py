@@ -49,6 +49,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "data": {"model", "train", "inference", "eval", "cli", "commands"},
     "inference": {"train", "cli", "commands"},
     "eval": {"train", "cli", "commands"},
+    "tokenizers": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
     "train": {"cli", "commands"},
 }
 TORCH_FREE = {"config", "serialize", "slicing", "layout", "errors", "images"}

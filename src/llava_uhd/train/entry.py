@@ -110,7 +110,7 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(config.to_yaml())
     parallel.barrier()
-    processor = build_processor(config, output)
+    processor = build_processor(config)
     model = build_model(config, processor)
     trainable = prepare_model(model, config, stage)
     layout = lora_layout(model)  # read before an engine wraps (and, on FSDP, renames) the modules
