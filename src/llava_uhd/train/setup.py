@@ -117,10 +117,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute every ViT block and LLM decoder layer in the backward pass instead of storing activations.
 
     Non-reentrant: the frozen ViT's outputs do not require grad, which reentrant checkpointing mishandles
-    (no gradient reaches the resampler). transformers 5 renamed the switch; 4.x has only the old name.
+    (no gradient reaches the resampler).
     """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
