@@ -22,7 +22,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,25 @@ class TrainerState:
     global_batch_size: int
     micro_batch_size: int
     total_steps: int
+
+    @classmethod
+    def start(
+        cls, world_size: int, global_batch_size: int, micro_batch_size: int, total_steps: int
+    ) -> TrainerState:
+        """The state of a fresh run, before its first step."""
+        return cls(0, 0, 0, 0, world_size, global_batch_size, micro_batch_size, total_steps)
+
+    def advance(self, steps_per_epoch: int) -> TrainerState:
+        """The state after one more optimiser step; an epoch ends after ``steps_per_epoch`` of them."""
+        done = self.step_in_epoch + 1
+        epoch_over = done == steps_per_epoch
+        return replace(
+            self,
+            global_step=self.global_step + 1,
+            epoch=self.epoch + 1 if epoch_over else self.epoch,
+            step_in_epoch=0 if epoch_over else done,
+            samples_seen=self.samples_seen + self.global_batch_size,
+        )
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -161,7 +180,10 @@ class CheckpointIO:
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
-        state = TrainerState(**json.loads(state_file.read_text()))
+        try:
+            state = TrainerState(**json.loads(state_file.read_text()))
+        except (ValueError, TypeError) as exc:  # not JSON, or not the fields of a TrainerState
+            raise CheckpointError(f"{state_file}: not a trainer state ({exc})") from None
         if state.world_size != self.world_size:
             raise CheckpointError(
                 f"{path}: saved with {state.world_size} processes, resuming with {self.world_size}; "
