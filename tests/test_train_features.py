@@ -55,7 +55,7 @@ def _model_and_batch(config: TrainConfig) -> tuple[torch.nn.Module, dict[str, to
     """The stage's prepared model and a collated batch of two samples from the run's synthetic data."""
     config = config.resolved()
     stage = get_stage(config.stage)
-    processor = build_processor(config, Path(config.output_dir))
+    processor = build_processor(config)
     model = build_model(config, processor)
     prepare_model(model, config, stage)
     data = build_data(config, stage, processor, rank=0)
@@ -65,7 +65,7 @@ def _model_and_batch(config: TrainConfig) -> tuple[torch.nn.Module, dict[str, to
 def _initial_model(config: TrainConfig) -> torch.nn.Module:
     """The run's model as initialised (``build_model`` seeds the random init with ``config.seed``)."""
     config = config.resolved()
-    return build_model(config, build_processor(config, Path(config.output_dir)))
+    return build_model(config, build_processor(config))
 
 
 def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -200,7 +200,7 @@ def _text_only_loss_and_grads(
 def test_idle_piece_runs_the_vision_path_and_changes_no_gradient(tmp_path: Path) -> None:
     config = _config(tmp_path, "stage=stage2", "data.synthetic_samples=3").resolved()
     stage = get_stage(config.stage)
-    processor = build_processor(config, tmp_path)
+    processor = build_processor(config)
     model = build_model(config, processor)
     prepare_model(model, config, stage)
     data = build_data(config, stage, processor, rank=0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llava_uhd.train import parallel
 from llava_uhd.train.config import TrainConfig
 from llava_uhd.train.entry import run_training
 from llava_uhd.train.loop import IGNORE_INDEX, token_loss_sum
@@ -89,3 +90,8 @@ def test_token_loss_sum_matches_the_mean_loss_times_tokens() -> None:
     assert int(count) == 4  # shifted labels: 1, 2, 3 and 5
     mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(total / count, mean)
+
+
+@pytest.mark.parametrize("engine", [parallel.DDPEngine, parallel.FSDPEngine, parallel.DeepSpeedEngine])
+def test_every_engine_implements_the_whole_interface(engine: type[parallel.Engine]) -> None:
+    assert issubclass(engine, parallel.Engine) and not engine.__abstractmethods__

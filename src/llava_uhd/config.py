@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from llava_uhd.errors import ConfigError
+from llava_uhd.serialize import dump_yaml, from_plain, load_yaml_mapping, to_plain
 
 # Pillow refuses to open images above twice its MAX_IMAGE_PIXELS (decompression bombs); we use the same bound.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -159,7 +160,7 @@ class ResamplerConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.kind in ("perceiver", "windowed"),
+            self.kind in get_args(ResamplerKind),
             f"resampler kind must be 'perceiver' or 'windowed', got {self.kind!r}",
         )
         side = math.isqrt(self.num_queries) if self.num_queries > 0 else 0
@@ -219,34 +220,25 @@ class Preset:
     template: TemplateName = "vicuna_v1"
 
     def __post_init__(self) -> None:
-        _check(
-            self.template in ("plain", "vicuna_v1", "chat_template"), f"unknown template {self.template!r}"
-        )
+        _check(self.template in get_args(TemplateName), f"unknown template {self.template!r}")
         _check(
             self.vision.patch_size == self.slicing.patch_size,
             f"vision patch_size {self.vision.patch_size} != slicing patch_size {self.slicing.patch_size}",
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preset:
-        return _from_plain(cls, data, "preset")
+        return from_plain(cls, data, "preset")
 
     def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return dump_yaml(self)
 
     @classmethod
     def from_yaml(cls, text: str) -> Preset:
-        import yaml
-
-        data = yaml.safe_load(text)
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"a preset YAML must be a mapping, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml_mapping(text, "a preset YAML"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
@@ -271,44 +263,6 @@ class Preset:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    return obj
-
-
-_SECTIONS = {
-    "slicing": SlicingConfig,
-    "vision": VisionConfig,
-    "resampler": ResamplerConfig,
-    "text": TextConfig,
-}
-
-
-def _from_plain(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if cls is Preset and key in _SECTIONS:
-            value = _from_plain(_SECTIONS[key], value, f"{where}.{key}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a missing required field
-        raise ConfigError(f"{where}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

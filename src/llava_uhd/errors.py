@@ -42,4 +42,5 @@ class BadSampleError(LlavaUHDError, ValueError):
 
 
 class CheckpointError(LlavaUHDError, ValueError):
-    """Weights cannot be read or do not fit the model: missing or unexpected keys, wrong shapes, no files."""
+    """Weights or a training checkpoint cannot be read or do not fit: missing or unexpected keys, wrong
+    shapes, no files, an incomplete checkpoint, or one saved with another world size or batch geometry."""

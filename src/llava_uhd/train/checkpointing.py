@@ -22,24 +22,20 @@ import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from llava_uhd.errors import ConfigError, LlavaUHDError
+from llava_uhd.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STEP_DIGITS = 6
-
-
-class CheckpointError(LlavaUHDError, ValueError):
-    """A checkpoint is missing, incomplete or does not fit the current run."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +50,25 @@ class TrainerState:
     global_batch_size: int
     micro_batch_size: int
     total_steps: int
+
+    @classmethod
+    def start(
+        cls, world_size: int, global_batch_size: int, micro_batch_size: int, total_steps: int
+    ) -> TrainerState:
+        """The state of a fresh run, before its first step."""
+        return cls(0, 0, 0, 0, world_size, global_batch_size, micro_batch_size, total_steps)
+
+    def advance(self, steps_per_epoch: int) -> TrainerState:
+        """The state after one more optimiser step; an epoch ends after ``steps_per_epoch`` of them."""
+        done = self.step_in_epoch + 1
+        epoch_over = done == steps_per_epoch
+        return replace(
+            self,
+            global_step=self.global_step + 1,
+            epoch=self.epoch + 1 if epoch_over else self.epoch,
+            step_in_epoch=0 if epoch_over else done,
+            samples_seen=self.samples_seen + self.global_batch_size,
+        )
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -165,7 +180,10 @@ class CheckpointIO:
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
-        state = TrainerState(**json.loads(state_file.read_text()))
+        try:
+            state = TrainerState(**json.loads(state_file.read_text()))
+        except (ValueError, TypeError) as exc:  # not JSON, or not the fields of a TrainerState
+            raise CheckpointError(f"{state_file}: not a trainer state ({exc})") from None
         if state.world_size != self.world_size:
             raise CheckpointError(
                 f"{path}: saved with {state.world_size} processes, resuming with {self.world_size}; "
@@ -183,7 +201,7 @@ class CheckpointIO:
 def check_compatible(state: TrainerState, global_batch_size: int, micro_batch_size: int, path: Path) -> None:
     """An exact resume needs the batch geometry it was saved with."""
     if (state.global_batch_size, state.micro_batch_size) != (global_batch_size, micro_batch_size):
-        raise ConfigError(
+        raise CheckpointError(
             f"{path}: saved with global/micro batch {state.global_batch_size}/{state.micro_batch_size}, "
             f"this run uses {global_batch_size}/{micro_batch_size}"
         )

@@ -8,17 +8,20 @@ in, and the resolved config is what every checkpoint stores. No torch here.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args
+
+import yaml
 
 from llava_uhd.errors import ConfigError
+from llava_uhd.serialize import dump_yaml, from_plain, load_yaml_mapping, to_plain
 
 MixedPrecision = Literal["no", "bf16"]
 Backend = Literal["ddp", "fsdp", "deepspeed"]
 BadSamplePolicy = Literal["error", "skip"]
+Schedule = Literal["cosine", "constant"]
 
 
 def _check(condition: bool, message: str) -> None:
@@ -95,6 +98,10 @@ class DataConfig:
             self.synthetic_samples >= 0 and self.synthetic_eval_samples >= 0,
             f"synthetic sample counts must be >= 0, got {self.synthetic_samples!r}, {self.synthetic_eval_samples!r}",
         )
+        _check(
+            self.on_bad_sample in get_args(BadSamplePolicy),
+            f"data.on_bad_sample must be one of {get_args(BadSamplePolicy)}, got {self.on_bad_sample!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_ratio: float = 0.03
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
@@ -116,7 +123,7 @@ class OptimConfig:
             0.0 <= self.warmup_ratio < 1.0, f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}"
         )
         _check(
-            self.schedule in ("cosine", "constant"),
+            self.schedule in get_args(Schedule),
             f"optim.schedule must be cosine or constant, got {self.schedule!r}",
         )
         _check(
@@ -253,35 +260,26 @@ class TrainConfig:
     # -- serialisation -------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        return _from_plain(cls, data, "train config")
+        return from_plain(cls, data, "train config")
 
     def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return dump_yaml(self)
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         """Read a YAML file and apply ``key=value`` overrides (dotted keys, YAML values)."""
-        import yaml
-
         p = Path(path)
         _check(p.is_file(), f"{p}: no such training config file")
-        data = yaml.safe_load(p.read_text())
-        _check(
-            isinstance(data, Mapping), f"{p}: a training config must be a mapping, got {type(data).__name__}"
-        )
-        return cls.from_dict(apply_overrides(dict(data), overrides))
+        data = load_yaml_mapping(p.read_text(), f"{p}: a training config")
+        return cls.from_dict(apply_overrides(data, overrides))
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` strings to a nested dict; values are parsed as YAML (``1e-4``, ``true``, ``[1,2]``)."""
-    import yaml
-
     for item in overrides:
         key, sep, raw = item.partition("=")
         _check(bool(sep) and bool(key.strip()), f"--set expects key=value, got {item!r}")
@@ -293,59 +291,3 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = child
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     return data
-
-
-_SECTIONS: dict[str, type] = {
-    "model": ModelSource,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "lora": LoraConfig,
-    "dense": DenseConfig,
-}
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _from_plain(cls: type, data: Any, where: str) -> Any:
-    _check(isinstance(data, Mapping), f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-    hints = get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if cls is TrainConfig and key in _SECTIONS:
-            value = _from_plain(_SECTIONS[key], value or {}, f"{where}.{key}")
-        else:
-            value = _coerce(value, hints[key], f"{where}.{key}")
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a missing required field
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a YAML scalar against a field's type; YAML reads ``1e-3`` as a string, so floats are parsed."""
-    if value is None:
-        _check(type(None) in get_args(hint) or hint is Any, f"{where} must not be null")
-        return None
-    if isinstance(value, list):
-        return tuple(value)
-    allowed = set(get_args(hint)) or {hint}
-    if float in allowed and isinstance(value, str | int) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{where} must be a number, got {value!r}") from None
-    if int in allowed and not isinstance(value, int | bool):
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if bool in allowed and not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    return value

@@ -127,7 +127,7 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
     parallel.barrier()
     if stage.task == "dense_vision":
         return _run_dense(config, stage, resume, output, rank)
-    processor = build_processor(config, output)
+    processor = build_processor(config)
     model = build_model(config, processor)
     trainable = prepare_model(model, config, stage)
     cache = None

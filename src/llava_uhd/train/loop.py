@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llava_uhd.errors import ConfigError
+from llava_uhd.errors import CheckpointError, ConfigError
 from llava_uhd.templates import IGNORE_INDEX
 from llava_uhd.train import parallel
 from llava_uhd.train.batches import BatchGeometry, StepLoader, epoch_order, rank_steps
@@ -179,7 +179,7 @@ class Trainer:
                 cfg.mixed_precision,
             )
             return parallel.DeepSpeedEngine(self.module, make_optimizer(self.module), ds)
-        return parallel.Engine(
+        return parallel.DDPEngine(
             self.module,
             make_optimizer(self.module),
             optim.max_grad_norm,
@@ -199,7 +199,7 @@ class Trainer:
 
     def _write_optimizer(self, engine: parallel.Engine, scheduler: Any) -> Callable[[Path], None]:
         def write(folder: Path) -> None:
-            engine.save(folder, self.rank)
+            engine.save_optimizer(folder, self.rank)
             if self.rank == 0:
                 torch.save(scheduler.state_dict(), folder / "scheduler.pt")
 
@@ -216,7 +216,7 @@ class Trainer:
         weights = load_file(str(folder / MODEL_FILE))
         missing = sorted(set(self.trainable_names) - set(weights))
         if missing:
-            raise ConfigError(
+            raise CheckpointError(
                 f"{folder}: checkpoint lacks trainable weights {missing[:5]} (of {len(missing)})"
             )
         self.module.load_state_dict(weights, strict=False)
@@ -226,15 +226,8 @@ class Trainer:
     def fit(self, resume_from: Path | None = None) -> TrainResult:
         """Train to the end of the schedule (or ``max_steps``), checkpointing as configured."""
         cfg = self.config
-        state = TrainerState(
-            0,
-            0,
-            0,
-            0,
-            self.world_size,
-            self.geometry.global_batch_size,
-            cfg.micro_batch_size,
-            self.total_steps,
+        state = TrainerState.start(
+            self.world_size, self.geometry.global_batch_size, cfg.micro_batch_size, self.total_steps
         )
         rng_state = None
         if resume_from is not None:
@@ -247,7 +240,7 @@ class Trainer:
             engine.base_optimizer, cfg.optim.schedule, self.total_steps, cfg.optim.warmup_ratio
         )
         if resume_from is not None:
-            engine.load(resume_from, self.rank)
+            engine.load_optimizer(resume_from, self.rank)
             scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
             restore_rng(rng_state)
             logger.info("resumed from %s at step %d", resume_from, state.global_step)
@@ -262,21 +255,10 @@ class Trainer:
         try:
             while state.global_step < self.total_steps:
                 loader = self._epoch_loader(state.epoch, state.step_in_epoch)
-                for step_in_epoch, micro_batches in loader:
+                for _, micro_batches in loader:  # the loader starts at state.step_in_epoch
                     last_loss, grad_norm = self._step(engine, micro_batches)
                     scheduler.step()
-                    done = step_in_epoch + 1
-                    epoch_over = done == self.steps_per_epoch
-                    state = TrainerState(
-                        state.global_step + 1,
-                        state.epoch + epoch_over,
-                        0 if epoch_over else done,
-                        state.samples_seen + self.geometry.global_batch_size,
-                        self.world_size,
-                        self.geometry.global_batch_size,
-                        cfg.micro_batch_size,
-                        self.total_steps,
-                    )
+                    state = state.advance(self.steps_per_epoch)
                     step = state.global_step
                     if step % cfg.log_every == 0 or step == self.total_steps:
                         record = metrics.log(
@@ -333,7 +315,7 @@ class Trainer:
         loss_sum = torch.zeros(())
         for i, batch in enumerate(micro_batches):
             batch = self._prepare(batch)
-            with engine.no_sync(i == len(micro_batches) - 1), self.autocast:
+            with engine.gradient_sync(i == len(micro_batches) - 1), self.autocast:
                 summed, _ = objective.loss_sum(engine.model, batch)
             engine.backward(summed * self.world_size / global_tokens)
             loss_sum += summed.detach().float().cpu()

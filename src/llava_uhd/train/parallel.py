@@ -1,7 +1,8 @@
 """Scale-out engines: one process, DDP (``torchrun``), FSDP and DeepSpeed ZeRO behind one small interface.
 
-The loop calls ``backward(loss, sync)``, ``step()`` and the state hooks; each engine decides how gradients
-are reduced and how its state is saved. Built on ``torch.distributed`` directly: accelerate (1.15) silently
+The loop drives every engine through :class:`Engine`: per micro-batch a forward through ``engine.model``
+and ``backward(loss)`` inside ``gradient_sync(last)``, per optimiser step ``step()``, and the checkpoint
+hooks; each engine decides how gradients are reduced and how its state is saved. Built on ``torch.distributed`` directly: accelerate (1.15) silently
 falls back to DDP for DeepSpeed on CPU and reports one process per rank, so DeepSpeed is driven through
 ``deepspeed.initialize`` here. The loss handed to ``backward`` is already normalised for the whole global
 batch (see :mod:`llava_uhd.train.loop`), so every engine must *sum* micro-batches and *average* ranks.
@@ -15,6 +16,7 @@ weights at the end (:mod:`llava_uhd.train.lora`).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llava_uhd.errors import ConfigError
+from llava_uhd.errors import CheckpointError, ConfigError
 from llava_uhd.train.stages import VISION
 
 
@@ -77,8 +79,51 @@ def zero_missing_gradients(params: list[nn.Parameter]) -> None:
             param.grad = torch.zeros_like(param)
 
 
-class Engine:
-    """One process or DDP: gradients of non-final micro-batches stay local (``no_sync``)."""
+class Engine(abc.ABC):
+    """What the training loop needs from a scale-out backend.
+
+    Attributes:
+        model: the module to run forwards through (DDP, FSDP or DeepSpeed's wrapper; the model itself alone).
+        module: the unwrapped model, whose parameter names the checkpoints use.
+        base_optimizer: the torch optimizer whose parameter groups the LR schedule drives.
+    """
+
+    model: nn.Module
+    module: nn.Module
+    base_optimizer: torch.optim.Optimizer
+
+    @abc.abstractmethod
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward: unless ``enabled`` (the last micro-batch of a step), the
+        backward that follows accumulates its gradients locally instead of reducing them over ranks."""
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add the gradient of one micro-batch's loss (already normalised for the global batch)."""
+
+    @abc.abstractmethod
+    def step(self) -> float | None:
+        """After a step's last backward: clip, update, clear gradients; the pre-clip gradient norm or None."""
+
+    @abc.abstractmethod
+    def full_state_dict(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Full tensors (on rank 0 at least) of the named parameters, or of the whole state dict.
+
+        A collective on sharded backends: every rank must call it. ``None`` gives every parameter and
+        buffer under the unwrapped model's names (what ``save_pretrained`` writes).
+        """
+
+    @abc.abstractmethod
+    def save_optimizer(self, folder: Path, rank: int) -> None:
+        """Write the optimizer state into a checkpoint folder; called on every rank."""
+
+    @abc.abstractmethod
+    def load_optimizer(self, folder: Path, rank: int) -> None:
+        """Read the optimizer state back from a checkpoint folder; called on every rank."""
+
+
+class DDPEngine(Engine):
+    """One process or DDP: gradients of non-final micro-batches stay local (DDP's ``no_sync``)."""
 
     def __init__(
         self,
@@ -98,8 +143,8 @@ class Engine:
                 model, find_unused_parameters=find_unused_parameters
             )
 
-    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        if sync or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        if enabled or not isinstance(self.model, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
 
@@ -118,20 +163,15 @@ class Engine:
         return norm
 
     def full_state_dict(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Full tensors (on rank 0 at least) of the named parameters, or of the whole state dict.
-
-        A collective on sharded backends: every rank must call it. ``None`` gives every parameter and
-        buffer under the unwrapped model's names (what ``save_pretrained`` writes).
-        """
         state = self.module.state_dict()
         wanted = set(state) if names is None else set(names)
         return {k: v.detach() for k, v in state.items() if k in wanted}
 
-    def save(self, folder: Path, rank: int) -> None:
+    def save_optimizer(self, folder: Path, rank: int) -> None:
         if rank == 0:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
-    def load(self, folder: Path, rank: int) -> None:
+    def load_optimizer(self, folder: Path, rank: int) -> None:
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
 
 
@@ -188,8 +228,11 @@ class FSDPEngine(Engine):
         self.optimizer = optimizer_factory(self.model)
         self.base_optimizer = self.optimizer
 
-    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if sync else self.model.no_sync()
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if enabled else self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def step(self) -> float | None:
         norm = None
@@ -211,7 +254,7 @@ class FSDPEngine(Engine):
             return full
         return {name: full[name] for name in names if name in full}
 
-    def save(self, folder: Path, rank: int) -> None:
+    def save_optimizer(self, folder: Path, rank: int) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         state = get_optimizer_state_dict(
@@ -222,7 +265,7 @@ class FSDPEngine(Engine):
         if rank == 0:
             torch.save(state, folder / "optimizer.pt")
 
-    def load(self, folder: Path, rank: int) -> None:
+    def load_optimizer(self, folder: Path, rank: int) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = torch.load(folder / "optimizer.pt", weights_only=False)
@@ -282,15 +325,22 @@ class DeepSpeedEngine(Engine):
         self.optimizer = ds_optimizer
         self.base_optimizer = optimizer  # ZeRO steps it with the lr our scheduler writes into its groups
 
-    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed knows the accumulation boundary itself
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides by gradient_accumulation_steps; our loss is already normalised per global batch.
         self.model.backward(loss * self.accumulation)
-        self.model.step()  # an update only at the accumulation boundary
+        if not self.model.is_gradient_accumulation_boundary():
+            # DeepSpeed counts micro-batches in its step(), which updates nothing before the boundary
+            self.model.step()
 
     def step(self) -> float | None:
+        if not self.model.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                f"DeepSpeed step before the accumulation boundary: each step needs {self.accumulation} backwards"
+            )
+        self.model.step()  # at the boundary: clip, update, clear gradients
         norm = self.model.get_global_grad_norm()
         return None if norm is None else float(norm)
 
@@ -314,17 +364,18 @@ class DeepSpeedEngine(Engine):
                     full[name] = tensor.detach().cpu().clone()
         return full
 
-    def save(self, folder: Path, rank: int) -> None:
+    def save_optimizer(self, folder: Path, rank: int) -> None:
+        # ZeRO keeps the trainable weights' master copies with the optimizer state, so both go into engine/.
         # Frozen weights are rebuilt from the model source on resume, like on the other backends; saving
         # them would write the whole base model (twice on ZeRO-2: module and "frozen fragments") per save.
         self.model.save_checkpoint(
             str(folder / "engine"), tag="state", save_latest=False, exclude_frozen_parameters=True
         )
 
-    def load(self, folder: Path, rank: int) -> None:
+    def load_optimizer(self, folder: Path, rank: int) -> None:
         path, _ = self.model.load_checkpoint(str(folder / "engine"), tag="state", load_module_strict=False)
         if path is None:
-            raise ConfigError(f"{folder}: DeepSpeed could not load its engine state")
+            raise CheckpointError(f"{folder}: DeepSpeed could not load its engine state")
 
 
 def deepspeed_config(

