@@ -17,7 +17,16 @@ _ABOVE_PROCESSING = {"processing", "model", "data", "train", "inference", "eval"
 # top-level part (or a dotted module below it) -> parts of llava_uhd it must never import
 FORBIDDEN: dict[str, set[str]] = {
     "config": {"slicing", "layout", "budget", "templates", "tokens", "images", *_ABOVE_PROCESSING},
-    "serialize": {"config", "slicing", "layout", "budget", "templates", "tokens", "images", *_ABOVE_PROCESSING},
+    "serialize": {
+        "config",
+        "slicing",
+        "layout",
+        "budget",
+        "templates",
+        "tokens",
+        "images",
+        *_ABOVE_PROCESSING,
+    },
     "slicing": _ABOVE_PROCESSING,
     "layout": _ABOVE_PROCESSING,
     "budget": _ABOVE_PROCESSING,
