@@ -306,7 +306,7 @@ TINY = Preset(
 
 # The bundled demo model (llava_uhd.synth.synthdoc): the paper's slicing geometry and resampler design at
 # toy width. Its tower is trained from scratch (stage 0) with a conv stem and per-piece centring, and its
-# Llama from scratch on synthdoc's words (a 512-entry byte-level BPE, saved beside the weights).
+# Llama from scratch on synthdoc's words (a byte-level BPE of about 400 tokens, saved beside the weights).
 SYNTHDOC = Preset(
     name="synthdoc",
     slicing=SlicingConfig(max_slices=6),
