@@ -1,4 +1,4 @@
-"""Imports flow one way (DESIGN.md section 8), checked statically over every module of the package.
+"""Imports flow one way (docs/design.md section 8), checked statically over every module of the package.
 
 Lazy imports inside functions count too: a dependency is a dependency wherever it is written.
 """

@@ -1,4 +1,4 @@
-"""Import boundaries (DESIGN.md section 8): the torch-free core runs with torch blocked, and no module
+"""Import boundaries (docs/design.md section 8): the torch-free core runs with torch blocked, and no module
 imports across the one-way flow config -> slicing/layout -> processing -> data -> train.
 """
 

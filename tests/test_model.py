@@ -43,7 +43,7 @@ def make_model(tokenizer, seed: int = 0) -> LlavaUHDForConditionalGeneration:
 
 
 def image_ids(tokenizer, size: tuple[int, int]) -> tuple[list[int], list[tuple[int, int]]]:
-    """The layout of one image (DESIGN.md section 6) and its pieces' (rows, cols) grids."""
+    """The layout of one image (docs/design.md section 6) and its pieces' (rows, cols) grids."""
     plan = plan_slices(*size, TINY.slicing)
     image = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     ids: list[int] = []

@@ -88,7 +88,7 @@ def _mae_sincos(dim: int, side: int) -> torch.Tensor:
 
 
 def _reference(module: PerceiverResampler, features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """The resampler of DESIGN.md section 5 on one piece, with plain torch ops (no nn.MultiheadAttention)."""
+    """The resampler of docs/design.md section 5 on one piece, in plain torch (no nn.MultiheadAttention)."""
     sd = {k: v.detach().double() for k, v in module.state_dict().items()}
     d, heads, eps = module.embed_dim, module.num_heads, module.config.layer_norm_eps
 

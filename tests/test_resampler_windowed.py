@@ -18,7 +18,7 @@ from llava_uhd.model.windows import pooled_size
 
 KV_DIM, EMBED_DIM, HEADS = 24, 32, 4
 CONFIG = ResamplerConfig(kind="windowed", num_queries=144, num_heads=HEADS)
-# Both resamplers' parameter names: those of the released checkpoint (DESIGN.md section 5).
+# Both resamplers' parameter names: those of the released checkpoint (docs/design.md section 5).
 RESAMPLER_PARAMETERS = {
     "query",
     "pos_embed",

@@ -182,7 +182,7 @@ def test_rejects_bad_shapes():
 
 @pytest.mark.skipif(
     not torchvision_roi_align_available(),
-    reason="torchvision is not importable or does not run with this torch build (see ENVIRONMENT.md)",
+    reason="torchvision is not importable or does not run with this torch build",
 )
 @pytest.mark.parametrize("aligned", [False, True])
 def test_matches_torchvision(aligned):

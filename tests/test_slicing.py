@@ -17,7 +17,7 @@ from llava_uhd.slicing import Grid, Size, apply_plan, candidate_grids, plan_slic
 
 
 def reference_plan(W: int, H: int, S: int = 336, P: int = 14, M: int = 6, upscale: bool = True):
-    """The released code's recipe, transcribed independently from DESIGN.md section 3.
+    """The released code's recipe, transcribed independently from docs/design.md section 3.
 
     Returns ((cols, rows) or None, (slice_w, slice_h) or None, (overview_w, overview_h)).
     """
@@ -53,7 +53,7 @@ def _as_tuple(plan):
 
 
 WORKED = [
-    # (W, H) -> (cols, rows), slice size, overview size   (DESIGN.md section 3)
+    # (W, H) -> (cols, rows), slice size, overview size   (docs/design.md section 3)
     ((640, 480), (2, 2), (378, 280), (378, 280)),
     ((1024, 768), (3, 2), (308, 350), (378, 280)),
     ((1920, 1080), (3, 2), (364, 308), (448, 252)),

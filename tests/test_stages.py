@@ -18,7 +18,7 @@ from test_resampler_windowed import RESAMPLER_PARAMETERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The resampler's parameters (DESIGN.md section 5; names follow the released checkpoint).
+# The resampler's parameters (docs/design.md section 5; names follow the released checkpoint).
 RESAMPLER = {f"resampler.{n}" for n in RESAMPLER_PARAMETERS}
 _LAYER = (
     "self_attn.q_proj.weight",

@@ -1,7 +1,7 @@
 """The packed vision encoder against transformers' CLIP/SigLIP towers (the oracle) on tiny random weights.
 
 The per-piece oracle runs transformers' ``CLIPVisionModel`` on each piece separately, as an image, with
-``interpolate_pos_encoding=True`` (bicubic, align_corners=False: the resize DESIGN.md section 4 asks for).
+``interpolate_pos_encoding=True`` (bicubic, align_corners=False: the resize of docs/design.md section 4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Typed presets for LLaVA-UHD (DESIGN.md section 2). No torch here.
+"""Typed presets for LLaVA-UHD (docs/design.md section 2). No torch here.
 
 A :class:`Preset` bundles everything that decides what the model sees and how it is built: the slicing
 geometry, the vision tower's shape, the resampler, the language model and the conversation template.
@@ -36,7 +36,7 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class SlicingConfig:
-    """Image modularization settings (DESIGN.md section 3).
+    """Image modularization settings (docs/design.md section 3).
 
     Attributes:
         scale_resolution: the ViT's pre-training side S; slices and the overview keep an area near S*S.
@@ -148,7 +148,7 @@ ResamplerKind = Literal["perceiver", "windowed"]
 
 @dataclass(frozen=True)
 class ResamplerConfig:
-    """The shared compression module (DESIGN.md sections 2 and 5).
+    """The shared compression module (docs/design.md sections 2 and 5).
 
     ``num_heads`` None means "LLM hidden size // 128", as the released checkpoint's code computes it.
     """
@@ -266,7 +266,7 @@ def _is_int(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Named presets (DESIGN.md section 2)
+# Named presets (docs/design.md section 2)
 
 _VICUNA_13B = TextConfig(name_or_path="lmsys/vicuna-13b-v1.5")
 

@@ -1,4 +1,4 @@
-"""The spatial schema (paper section 3.3; DESIGN.md section 6): how a plan becomes an LLM token layout.
+"""The spatial schema (paper section 3.3; docs/design.md section 6): how a plan becomes an LLM token layout.
 
 Slices are laid out row by row, each followed by its separator ("," inside a row, "\\n" after the last
 slice of a row), then the overview. An unsliced image is its overview alone. With Q query tokens per

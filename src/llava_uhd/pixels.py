@@ -1,9 +1,9 @@
 """From an RGB image and its :class:`~llava_uhd.slicing.SlicePlan` to model-ready patches.
 
 Every piece (slices row-major, then the overview) is resized bicubic, scaled by 1/255, normalised with
-the preset's mean and std (DESIGN.md section 3) and cut into P x P patches, written straight into one
-preallocated (Pt, C*P*P) float32 buffer in the layout of docs/INTERFACES.md: pieces in order, patches
-row-major in a piece, each patch flattened as (C, P, P).
+the preset's mean and std (docs/design.md section 3) and cut into P x P patches, written straight into
+one preallocated (Pt, C*P*P) float32 buffer in the layout of docs/INTERFACES.md: pieces in order,
+patches row-major in a piece, each patch flattened as (C, P, P).
 
 Two resize modes:
 
@@ -13,12 +13,13 @@ Two resize modes:
     float32) and normalise (float32). Bit-faithful; tests check it against transformers.
 ``fast`` (default)
     The same geometry with less work. Reading the full source twice dominates the released pipeline's
-    time (ENVIRONMENT.md, "Image speed"), so: (1) a large source is first shrunk by an integer box
-    ``reduce()`` while the remaining bicubic downscale stays at least ``REDUCING_GAP``x (Pillow's
-    ``reducing_gap`` idea); (2) resizes use torch's uint8 antialiased bicubic kernel, which follows
-    PIL's filter (support scaled with the downscale factor); (3) the overview is derived from the refine
-    image when that is at least ``OVERVIEW_FROM_REFINE_GAP``x larger on both sides, else from the
-    (reduced) source; (4) scale and normalise are one multiply-add per value, in the output buffer.
+    time (its two full-source resizes were measured at 34-92% of it, more for larger images), so:
+    (1) a large source is first shrunk by an integer box ``reduce()`` while the remaining bicubic
+    downscale stays at least ``REDUCING_GAP``x (Pillow's ``reducing_gap`` idea); (2) resizes use
+    torch's uint8 antialiased bicubic kernel, which follows PIL's filter (support scaled with the
+    downscale factor); (3) the overview is derived from the refine image when that is at least
+    ``OVERVIEW_FROM_REFINE_GAP``x larger on both sides, else from the (reduced) source; (4) scale and
+    normalise are one multiply-add per value, in the output buffer.
     Its difference from ``exact`` is measured in benchmarks/README.md and bounded by tests.
 
 Dimensions: H, W image height and width; C channels; P patch side; Pt patches.

@@ -1,4 +1,4 @@
-"""Images + text -> model inputs (docs/INTERFACES.md, "Processor output"; DESIGN.md section 6).
+"""Images + text -> model inputs (docs/INTERFACES.md, "Processor output"; docs/design.md section 6).
 
 :class:`LlavaUHDProcessor` is the one place model inputs are made, for training and for inference alike.
 It composes the parts: images are read and planned by :func:`llava_uhd.images.load_planned` under the

@@ -1,4 +1,4 @@
-"""Image modularization (LLaVA-UHD paper section 3.1; DESIGN.md section 3). Pure Python, no torch.
+"""Image modularization (LLaVA-UHD paper section 3.1; docs/design.md section 3). Pure Python, no torch.
 
 :func:`plan_slices` decides, from an image's size alone, how it is cut: a grid of equally sized slices
 whose area and aspect ratio stay close to the ViT's pre-training shape, plus a low-resolution overview.
@@ -166,7 +166,7 @@ def _check_size(width: object, height: object) -> None:
 
 
 def plan_slices(width: int, height: int, config: SlicingConfig | None = None) -> SlicePlan:
-    """Plan how an image of ``width`` x ``height`` pixels is cut (DESIGN.md section 3).
+    """Plan how an image of ``width`` x ``height`` pixels is cut (docs/design.md section 3).
 
     Raises:
         ImageSizeError: a side is not a positive integer, or the pre-resize makes one 0 pixels.

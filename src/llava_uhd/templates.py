@@ -33,7 +33,7 @@ from llava_uhd.errors import ConfigError, LlavaUHDError
 IMAGE_TOKEN = "<image>"  # the placeholder of one image, in conversation text and in the tokenizer
 IGNORE_INDEX = -100  # the label of positions without loss (torch's cross-entropy default ignore_index)
 
-# LLaVA's conv_vicuna_v1 system prompt, verbatim (DESIGN.md section 6).
+# LLaVA's conv_vicuna_v1 system prompt, verbatim (docs/design.md section 6).
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

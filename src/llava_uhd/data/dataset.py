@@ -119,7 +119,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             (tokenizer with ``<image>``, preset, resize mode, token budget).
         template: ``plain``, ``vicuna_v1``, ``chat_template`` or a template object.
         max_length: the most tokens of a sample (text + visual); longer text is cut, never a visual block.
-        overview_only: stage 1 (DESIGN.md section 7): one piece per image, the overview.
+        overview_only: stage 1 (docs/design.md section 7): one piece per image, the overview.
         on_bad_sample: ``"error"`` raises; ``"skip"`` logs and returns the next good record.
         skip_log: the JSONL file skipped samples are appended to (``"skip"`` only).
         augment: image augmentations (off by default, as in the released recipe).

@@ -1,6 +1,6 @@
 """The typed training configuration: YAML in, ``--set key=value`` overrides, resolved YAML out.
 
-One :class:`TrainConfig` describes a whole run: which stage (DESIGN.md section 7), where the model and
+One :class:`TrainConfig` describes a whole run: which stage (docs/design.md section 7), where the model and
 data come from, the optimiser, the batch geometry, scale-out and checkpointing. Values left ``None``
 fall back to the stage's recipe (:mod:`llava_uhd.train.stages`); :meth:`TrainConfig.resolved` fills them
 in, and the resolved config is what every checkpoint stores. No torch here.
@@ -71,9 +71,9 @@ class DataConfig:
     train: str | None = None
     image_folder: str | None = None
     eval: str | None = None
-    synthetic_samples: int = 0  # > 0 with train unset: generate this many synthetic samples (D1's synth)
+    synthetic_samples: int = 0  # > 0 with train unset: generate this many synthetic samples (llava_uhd.synth)
     synthetic_eval_samples: int = 0
-    max_length: int = 2048  # DESIGN.md section 7
+    max_length: int = 2048  # the paper recipe (docs/design.md section 7)
     template: str | None = None  # None: the stage's (plain in stage 1, the preset's in stage 2)
     group_by_length: bool = True
     num_workers: int = 0
@@ -109,7 +109,7 @@ class OptimConfig:
     """AdamW with a cosine schedule and linear warmup; ``lr`` ``None`` takes the stage's rate."""
 
     lr: float | None = None
-    weight_decay: float = 0.0  # the paper recipe trains without weight decay (DESIGN.md section 7)
+    weight_decay: float = 0.0  # the paper recipe trains without weight decay (docs/design.md section 7)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_ratio: float = 0.03

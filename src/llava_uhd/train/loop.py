@@ -1,6 +1,6 @@
 """The training loop: one loop for one process, DDP, FSDP and DeepSpeed (see :mod:`.parallel`).
 
-Each optimiser step takes a global batch of G samples (DESIGN.md section 7: 256 in stage 1, 128 in stage
+Each optimiser step takes a global batch of G samples (docs/design.md section 7: 256 in stage 1, 128 in stage
 2) as A micro-batches on each of W ranks. The loss of a step is the mean over *every supervised token of
 the global batch*: each micro-batch contributes ``sum of its token losses * W / tokens in the global
 batch`` (the token count is summed over ranks before the first backward), and the engines sum

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the learning-rate schedule (DESIGN.md section 7: cosine, warmup 3%).
+"""AdamW parameter groups and the learning-rate schedule (docs/design.md section 7: cosine, warmup 3%).
 
 Weight decay is a rule over parameter names and shapes, not a list: vectors (biases, norm gains) and the
 learned tables that are *positions* or *queries* rather than weights (the resampler's ``query`` and

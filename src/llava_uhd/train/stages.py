@@ -1,4 +1,4 @@
-"""Training stages as data (paper section 4.1 "Implementation details"; DESIGN.md section 7).
+"""Training stages as data (paper section 4.1 "Implementation details"; docs/design.md section 7).
 
 A stage names the submodules of ``LlavaUHDForConditionalGeneration`` that train, which pieces of an
 image the data pipeline feeds (stage 1 sees only the overview), and its recipe defaults (learning rate,
