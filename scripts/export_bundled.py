@@ -11,10 +11,9 @@ answers like the source.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
-
-import json
 
 from llava_uhd.auto import load_pretrained
 from llava_uhd.eval.synthdoc import evaluate_synthdoc

@@ -31,7 +31,7 @@ def tiny_parts(seed: int = 0):
     """A tiny HF CLIP vision tower, a tiny Llama and a windowed resampler, all with random weights."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from llava_uhd.model.resampler import build_resampler
+    from llava_uhd.model.resamplers import build_resampler
 
     torch.manual_seed(seed)
     clip_config = CLIPVisionConfig(

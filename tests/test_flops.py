@@ -25,7 +25,8 @@ from llava_uhd.model.flops import (
     windowed_resampler_piece_flops,
 )
 from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
-from llava_uhd.model.resampler import PerceiverResampler, build_resampler
+from llava_uhd.model.resampler import PerceiverResampler
+from llava_uhd.model.resamplers import build_resampler
 from llava_uhd.model.vision import VisionTransformer
 from llava_uhd.slicing import plan_slices
 

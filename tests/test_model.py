@@ -260,7 +260,9 @@ def test_overfits_one_batch_with_different_slice_counts(tokenizer) -> None:
     batch = collate(tokenizer, samples, "right")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(30):
+    # 50 steps: at 30, whether the loss is under 0.3 yet depends on the init's seed (over 8 seeds it is for
+    # some; by 50 steps every one is under 0.1)
+    for _ in range(50):
         loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()

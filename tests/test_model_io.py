@@ -104,6 +104,25 @@ def test_fresh_model_uses_released_resampler_init() -> None:
     assert torch.all(resampler.ln_q.weight == 1) and torch.all(resampler.attn.out_proj.bias == 0)
 
 
+def test_loading_initialises_only_the_missing_tensors(tiny_model, tmp_path) -> None:
+    """The one init recipe runs for tensors a checkpoint lacks and leaves the loaded ones alone."""
+    from safetensors.torch import load_file, save_file
+
+    with torch.no_grad():
+        tiny_model.resampler.pos_embed.add_(0.5)  # unlike the sin-cos table the recipe would write
+    tiny_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    missing = ("resampler.query", "resampler.proj", "vision_tower.pos_embed")
+    save_file({k: v for k, v in weights.items() if k not in missing}, tmp_path / "model.safetensors")
+    loaded = LlavaUHDForConditionalGeneration.from_pretrained(tmp_path)
+    state = loaded.state_dict()
+    for name in ("resampler.pos_embed", "resampler.ln_q.weight", "vision_tower.cls_token"):
+        assert torch.equal(state[name], weights[name]), name
+    for name in missing:
+        assert not torch.equal(state[name], weights[name]) and torch.isfinite(state[name]).all(), name
+    assert state["resampler.proj"].std().item() == pytest.approx(64**-0.5, rel=0.1)
+
+
 def _tiny_parts(tmp_path):
     torch.manual_seed(1)
     clip = CLIPVisionModel(

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from llava_uhd.config import TINY, ResamplerConfig
-from llava_uhd.errors import ConfigError
-from llava_uhd.model.resampler import PerceiverResampler, build_resampler
+from llava_uhd.errors import ConfigError, ModelInputError
+from llava_uhd.model.resampler import PerceiverResampler
+from llava_uhd.model.resamplers import build_resampler
 
 KV_DIM, EMBED_DIM = 24, 32
 MIXED_GRIDS = [(1, 1), (1, 20), (20, 1), (8, 8), (5, 7), (8, 8)]
@@ -175,9 +176,9 @@ def test_bfloat16_runs_and_stays_close() -> None:
 def test_bad_grids_raise_with_values() -> None:
     module = _resampler()
     features, _ = _inputs([(2, 2)])
-    with pytest.raises(ConfigError, match=r"cover 6 patches but features have 4"):
+    with pytest.raises(ModelInputError, match=r"cover 6 patches but features have 4"):
         module(features, torch.tensor([[2, 3]]))
-    with pytest.raises(ConfigError, match=r"\(N, 2\)"):
+    with pytest.raises(ModelInputError, match=r"\(N, 2\)"):
         module(features, torch.tensor([2, 2]))
 
 

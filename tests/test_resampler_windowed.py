@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from llava_uhd.config import ResamplerConfig
-from llava_uhd.errors import ConfigError
-from llava_uhd.model.resampler import build_resampler
+from llava_uhd.errors import ModelInputError
 from llava_uhd.model.resampler_windowed import WindowedResampler, window_bounds
+from llava_uhd.model.resamplers import build_resampler
 from llava_uhd.model.roi_align import roi_align_torch
 from llava_uhd.model.windows import pooled_size
 
@@ -75,7 +75,7 @@ def test_pooled_size_extremes_and_errors():
     # never tie; the extremes pick the most elongated candidates.
     assert pooled_size(1, 100) == (2, 4)  # very wide: the widest candidate
     assert pooled_size(100, 1) == (4, 2)  # very tall: the tallest
-    with pytest.raises(ConfigError, match="rows=0"):
+    with pytest.raises(ModelInputError, match="rows=0"):
         pooled_size(0, 5)
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from llava_uhd.errors import ModelInputError
 from llava_uhd.model.roi_align import (
     grid_boxes,
     roi_align,
@@ -172,11 +173,11 @@ def test_low_precision_input_is_pooled_in_float32():
 
 
 def test_rejects_bad_shapes():
-    with pytest.raises(ValueError, match=r"\(K, 5\).*\(3, 4\)"):
+    with pytest.raises(ModelInputError, match=r"\(K, 5\).*\(3, 4\)"):
         roi_align_torch(FEATURE, torch.zeros(3, 4), (1, 1))
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\).*\(3, 4\)"):
+    with pytest.raises(ModelInputError, match=r"\(B, C, H, W\).*\(3, 4\)"):
         roi_align_torch(FEATURE[0, 0], torch.zeros(1, 5), (1, 1))
-    with pytest.raises(ValueError, match=r"output_size.*\(0, 2\)"):
+    with pytest.raises(ModelInputError, match=r"output_size.*\(0, 2\)"):
         roi_align_torch(FEATURE, torch.zeros(1, 5), (0, 2))
 
 

@@ -7,6 +7,10 @@ The per-piece oracle runs transformers' ``CLIPVisionModel`` on each piece separa
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -14,17 +18,10 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from llava_uhd.config import TINY, VisionConfig
-from llava_uhd.errors import ConfigError
+from llava_uhd.errors import ConfigError, ModelInputError
 from llava_uhd.model import attention as attention_module
 from llava_uhd.model import pos_embed as pos_embed_module
-from llava_uhd.model import vision as vision_module
-from llava_uhd.model.attention import (
-    MAX_BLOCK_MASK_TOKENS,
-    PackedAttention,
-    PaddedAttention,
-    block_diagonal_mask,
-    choose_strategy,
-)
+from llava_uhd.model.attention import PackedAttention, block_diagonal_mask, choose_strategy
 from llava_uhd.model.vision import VisionTransformer
 from llava_uhd.model.weights import load_clip_vision, vision_config_from_hf
 
@@ -33,7 +30,8 @@ PATCH = 14
 # Mixed piece shapes in patches (rows, cols): the native 8x8 grid twice, thin strips, a single patch,
 # transposed pairs with equal lengths (one "grouped" run) and a piece longer than the native grid.
 MIXED_GRIDS = [(8, 8), (1, 20), (3, 5), (20, 1), (1, 1), (5, 3), (8, 8), (7, 10)]
-STRATEGIES = ["auto", "block_mask", "grouped", "padded"]
+STRATEGIES = ["auto", "block_mask", "grouped"]
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _hf_clip_config(layers: int = 3) -> CLIPVisionConfig:
@@ -73,6 +71,18 @@ def ours(hf_clip: CLIPVisionModel) -> VisionTransformer:
     model = VisionTransformer(vision_config_from_hf(hf_clip.config)).eval()
     load_clip_vision(model, hf_clip.state_dict())
     return model
+
+
+@pytest.fixture(scope="module")
+def vision_benchmark() -> ModuleType:
+    """benchmarks/vision.py, whose padded baseline must encode exactly what the packed model does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling readme_section
+        spec = importlib.util.spec_from_file_location("vision_benchmark", BENCHMARKS / "vision.py")
+        module = importlib.util.module_from_spec(spec)
+        patch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while defined
+        spec.loader.exec_module(module)
+    return module
 
 
 def patchify(images: torch.Tensor) -> torch.Tensor:
@@ -147,6 +157,16 @@ def test_packed_mixed_shapes_equal_per_piece_oracle(hf_clip, ours, strategy):
         assert (cls[layer] - torch.stack([h[layer][0, 0] for h in expected])).abs().max() <= TOL
     assert torch.equal(features, patches[-2])
     assert features.shape == (sum(r * c for r, c in MIXED_GRIDS), 32)
+
+
+def test_padded_baseline_of_the_benchmark_equals_per_piece_oracle(hf_clip, ours, vision_benchmark):
+    pieces = _pieces(MIXED_GRIDS)
+    pixel_values, grids = _packed(pieces)
+    with torch.no_grad():
+        features = vision_benchmark.padded_encode(ours, pixel_values, grids)
+    expected = torch.cat([h[-2][0, 1:] for h in _oracle(hf_clip, pieces)])
+    assert features.shape == expected.shape
+    assert (features - expected).abs().max() <= TOL
 
 
 def test_varlen_path_plumbing_with_a_reference_kernel(monkeypatch, hf_clip, ours):
@@ -245,7 +265,7 @@ def test_bf16_forward_resizes_positions_in_float32(monkeypatch, ours):
     assert (got.float() - reference).abs().max() <= 0.1 * reference.abs().max()
 
 
-@pytest.mark.parametrize("strategy", ["block_mask", "grouped", "padded"])
+@pytest.mark.parametrize("strategy", ["block_mask", "grouped"])
 def test_gradients_through_packed_equal_per_piece(ours, strategy):
     pieces = _pieces([(2, 3), (3, 2), (1, 4)], seed=11)
     pixel_values, grids = _packed(pieces)
@@ -288,11 +308,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(ours):
 
 
 def test_input_errors_name_the_offending_values(ours):
-    with pytest.raises(ConfigError, match=r"7 patches but piece_grids \[\[2, 3\]\] add up to 6"):
+    with pytest.raises(ModelInputError, match=r"7 patches but piece_grids \[\[2, 3\]\] add up to 6"):
         ours(torch.randn(7, 3 * PATCH * PATCH), torch.tensor([[2, 3]]))
-    with pytest.raises(ConfigError, match=r"C\*P\*P = 588\), got shape \(6, 10\)"):
+    with pytest.raises(ModelInputError, match=r"C\*P\*P = 588\), got shape \(6, 10\)"):
         ours(torch.randn(6, 10), torch.tensor([[2, 3]]))
-    with pytest.raises(ConfigError, match=r"positive integers, got \[\[0, 3\]\]"):
+    with pytest.raises(ModelInputError, match=r"positive integers, got \[\[0, 3\]\]"):
         ours(torch.randn(0, 3 * PATCH * PATCH), torch.tensor([[0, 3]]))
     with pytest.raises(ConfigError, match=r"unknown attention strategy 'dense'"):
         ours(torch.randn(6, 3 * PATCH * PATCH), torch.tensor([[2, 3]]), strategy="dense")
@@ -308,23 +328,22 @@ def test_block_diagonal_mask_exact_values():
     assert torch.equal(mask, expected)
     cross = block_diagonal_mask(torch.tensor([2, 2]), torch.tensor([1, 3]))  # 2 queries per piece
     assert torch.equal(cross.int(), torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 1], [0, 1, 1, 1]]))
-    with pytest.raises(ConfigError, match="as many query as key sequences, got 2 and 1"):
+    with pytest.raises(ModelInputError, match="as many query as key sequences, got 2 and 1"):
         block_diagonal_mask(torch.tensor([2, 2]), torch.tensor([4]))
 
 
 def test_strategy_choice(monkeypatch):
     cpu, f32 = torch.device("cpu"), torch.float32
-    assert choose_strategy([65, 65, 65], cpu, f32) == "grouped"  # one run: a dense batch, no mask
-    assert choose_strategy([5, 6, 7, 8, 9, 10], cpu, f32) == "block_mask"  # few wasted pairs, many runs
-    assert choose_strategy([577, 577, 401, 300], cpu, f32) == "grouped"  # mostly wasted pairs
-    monkeypatch.setattr(attention_module, "RUN_OVERHEAD_PAIRS", 10**12)  # calls made "expensive"
-    assert choose_strategy([600, 601], cpu, f32) == "block_mask"
-    assert (
-        choose_strategy([MAX_BLOCK_MASK_TOKENS // 2, MAX_BLOCK_MASK_TOKENS // 2 + 1], cpu, f32) == "grouped"
+    assert choose_strategy(cpu, f32) == "grouped"  # one dense call per distinct length, never a mask
+    assert PackedAttention.build([5, 6, 7, 8, 9, 10]).strategy == "grouped"
+    monkeypatch.setattr(
+        attention_module, "varlen_kernel", lambda device, dtype: F.scaled_dot_product_attention
     )
+    assert choose_strategy(cpu, f32) == "varlen"
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match="'varlen' needs CUDA"):
         PackedAttention.build([3, 4], strategy="varlen")
-    with pytest.raises(ConfigError, match=r"all non-empty; got lengths \[3, 0\]"):
+    with pytest.raises(ModelInputError, match=r"all non-empty; got lengths \[3, 0\]"):
         PackedAttention.build([3, 0])
 
 
@@ -346,16 +365,17 @@ def test_packed_attention_equals_separate_attention(strategy):
         assert (got[a:b] - expected).abs().max() <= 1e-6
 
 
-def test_padded_attention_ignores_pad_keys():
+def test_padded_attention_of_the_benchmark_ignores_pad_keys(vision_benchmark):
+    padded_attention = vision_benchmark.PaddedAttention
     q, k, v = torch.randn(3, 2 * 5, 2, 8).unbind(0)
     k2, v2 = k.clone(), v.clone()
     k2[3:5], v2[3:5], k2[9], v2[9] = 100.0, -100.0, 50.0, 50.0  # pads of sequence 0 (3 real) and 1 (4 real)
-    attend = PaddedAttention.build([3, 4], pad_to=5)
+    attend = padded_attention.build([3, 4], pad_to=5)
     a, b = attend(q, k, v), attend(q, k2, v2)
     real = torch.tensor([0, 1, 2, 5, 6, 7, 8])
     assert torch.allclose(a[real], b[real], atol=1e-6)
-    with pytest.raises(ConfigError, match=r"pad_to=5, got lengths \[6\]"):
-        PaddedAttention.build([6], pad_to=5)
+    with pytest.raises(ValueError, match=r"pad_to=5, got lengths \[6\]"):
+        padded_attention.build([6], pad_to=5)
 
 
 def test_tiny_preset_tower_builds_from_config():
@@ -378,32 +398,3 @@ def test_tiny_preset_tower_builds_from_config():
     assert siglip.cls_token is None and siglip.pos_embed.shape == (16, 32)
     out = siglip(torch.randn(3, 3 * PATCH * PATCH), torch.tensor([[1, 3]]))
     assert out.shape == (3, 32)
-
-
-@pytest.mark.parametrize("strategy", ["grouped", "padded"])
-def test_inference_chunks_of_whole_pieces_equal_oracle_and_autograd_path(
-    monkeypatch, hf_clip, ours, strategy
-):
-    """Without autograd the blocks run per chunk of whole pieces; 70 rows cut MIXED_GRIDS into several."""
-    monkeypatch.setattr(vision_module, "CHUNK_ROWS", 70)
-    pieces = _pieces(MIXED_GRIDS, seed=5)
-    pixel_values, grids = _packed(pieces)
-    chunks = ours.layout(grids, strategy).attend.split(70)
-    assert len(chunks) > 2  # runs are cut, and a run is cut between its pieces
-    with torch.no_grad():
-        patches, _ = ours.hidden_states(pixel_values, grids, strategy=strategy)
-    with_grad, _ = ours.hidden_states(pixel_values, grids, strategy=strategy)  # the plain autograd path
-    expected = _oracle(hf_clip, pieces)
-    for layer in range(len(patches)):
-        assert (patches[layer] - torch.cat([h[layer][0, 1:] for h in expected])).abs().max() <= TOL
-        assert (patches[layer] - with_grad[layer]).abs().max() <= TOL
-
-
-def test_split_cuts_between_whole_sequences():
-    attend = PackedAttention.build([2, 2, 3, 5, 5], strategy="grouped")
-    chunks = attend.split(5)
-    assert [(rows.start, rows.stop) for rows, _ in chunks] == [(0, 4), (4, 7), (7, 12), (12, 17)]
-    assert [part.runs for _, part in chunks] == [((0, 2, 2),), ((0, 1, 3),), ((0, 1, 5),), ((0, 1, 5),)]
-    padded = PaddedAttention.build([3, 4, 1], pad_to=4).split(9)
-    assert [(rows.start, rows.stop) for rows, _ in padded] == [(0, 8), (8, 12)]
-    assert padded[1][1].key_mask[:, 0, 0].tolist() == [[True, False, False, False]]

@@ -27,7 +27,11 @@ class TokenBudgetError(LlavaUHDError, ValueError):
     """The visual-token budget of a request cannot hold even the minimum layout of its images."""
 
 
-class PlaceholderMismatchError(LlavaUHDError, ValueError):
+class ModelInputError(LlavaUHDError, ValueError):
+    """A tensor given to the model has the wrong shape, dtype or values (pixel_values, piece_grids, ...)."""
+
+
+class PlaceholderMismatchError(ModelInputError):
     """The number of image placeholders in the text disagrees with the visual features."""
 
 

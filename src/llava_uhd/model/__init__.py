@@ -15,7 +15,7 @@ _EXPORTS = {
     "LlavaUHDConfig": "llava_uhd.model.configuration",
     "LlavaUHDForConditionalGeneration": "llava_uhd.model.llava_uhd",
     "PerceiverResampler": "llava_uhd.model.resampler",
-    "build_resampler": "llava_uhd.model.resampler",
+    "build_resampler": "llava_uhd.model.resamplers",
     "VisionTransformer": "llava_uhd.model.vision",
     "build_from_pretrained_parts": "llava_uhd.model.build",
 }

@@ -1,6 +1,6 @@
 """Build a LLaVA-UHD model from what users download: a CLIP vision folder and an LLM folder.
 
-The vision tower is loaded by B1's key map (:func:`llava_uhd.model.weights.load_clip_vision`, strict),
+The vision tower is loaded by its key map (:func:`llava_uhd.model.weights.load_clip_vision`, strict),
 the language model with ``AutoModelForCausalLM.from_pretrained`` (local files only), and the resampler
 starts fresh (paper section 3.2: it is what stage 1 trains). The preset supplies the slicing, resampler
 and template; the vision and text sections are replaced by what the folders contain, so the saved config

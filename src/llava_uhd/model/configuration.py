@@ -1,8 +1,8 @@
 """The Hugging Face config of a LLaVA-UHD model: the typed preset, flattened into ``config.json``.
 
 :class:`LlavaUHDConfig` keeps the vision tower, resampler and slicing settings as plain dicts of the
-typed dataclasses in :mod:`llava_uhd.config` (so the processor's slicing travels with the weights,
-DESIGN.md section 8) and the language model as a real transformers sub-config (``text_config``), which
+typed dataclasses in :mod:`llava_uhd.config` (so the processor's slicing travels with the weights)
+and the language model as a real transformers sub-config (``text_config``), which
 ``AutoModelForCausalLM.from_config`` builds. :meth:`LlavaUHDConfig.from_preset` and
 :meth:`LlavaUHDConfig.to_preset` round-trip the typed :class:`~llava_uhd.config.Preset` exactly.
 """

@@ -1,4 +1,4 @@
-"""Read the released LLaVA-UHD checkpoint (``llava-uhd-144-13b``) into our model (issue 4).
+"""Read the released LLaVA-UHD checkpoint (``llava-uhd-144-13b``) into our model.
 
 The released folder is LLaVA's layout: a ``config.json`` of a ``LlavaLlamaForCausalLM`` (the LLaMA's own
 fields plus ``mm_*`` fields), the tokenizer files, and weights as safetensors or ``pytorch_model*.bin``
@@ -49,7 +49,7 @@ LLAMA_MODEL_TYPES = ("llava", "llava_llama", "llama")
 # CLIP ViTs use 64 channels per attention head (B/16, L/14, L/14-336); the released config does not say.
 CLIP_HEAD_DIM = 64
 # Source tensors that carry no learned weight we use: CLIP's final LayerNorm (after the last layer; we read
-# layer -2, DESIGN.md section 4), CLIP's saved position_ids buffer, LLaMA's saved rotary inv_freq buffers.
+# layer -2), CLIP's saved position_ids buffer, LLaMA's saved rotary inv_freq buffers.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 IGNORED_PREFIXES = (f"{VISION_PREFIX}post_layernorm.", f"{VISION_PREFIX}embeddings.position_ids")
 # config.json fields of LlavaLlama that describe LLaVA, not the LLaMA: left out of the text config.

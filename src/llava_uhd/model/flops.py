@@ -142,7 +142,7 @@ def vit_piece_flops(vision: VisionConfig, rows: int, cols: int) -> int:
 
 
 def resampler_piece_flops(num_queries: int, patches: int, kv_dim: int, embed_dim: int) -> int:
-    """The perceiver resampler on one piece of ``patches`` features (DESIGN.md section 5)."""
+    """The perceiver resampler on one piece of ``patches`` features (paper section 3.2)."""
     d = embed_dim
     kv_proj = linear_flops(patches, kv_dim, d) if kv_dim != d else 0
     return (
@@ -156,7 +156,7 @@ def resampler_piece_flops(num_queries: int, patches: int, kv_dim: int, embed_dim
 
 
 def windowed_resampler_piece_flops(grid_side: int, rows: int, cols: int, kv_dim: int, embed_dim: int) -> int:
-    """The released checkpoint's windowed resampler on one (rows x cols) piece (issue 4 / official-v1).
+    """The released checkpoint's windowed resampler on one (rows x cols) piece (the official-v1 preset).
 
     Keys and values are projected after pooling: each of the Q = grid_side**2 queries attends to the
     ph x pw pooled cells of its own window only. The RoIAlign pooling itself is bilinear interpolation,

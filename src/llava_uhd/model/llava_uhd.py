@@ -2,7 +2,7 @@
 
 :class:`LlavaUHDForConditionalGeneration` *has* a vision tower, a resampler and a language model
 (STYLE.md habit 4). The processor has already expanded every ``<image>`` into Q placeholder tokens per
-piece (DESIGN.md section 6), pieces in batch order; the model encodes all pieces at once, checks that
+piece (docs/INTERFACES.md), pieces in batch order; the model encodes all pieces at once, checks that
 the placeholder count equals N * Q, and fills the placeholders in order with one ``masked_scatter``. The
 language model then does everything else: loss (labels shifted, -100 ignored), KV cache and generation.
 
@@ -27,15 +27,14 @@ from transformers import (
     GenerationMixin,
     PreTrainedModel,
 )
-from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from llava_uhd.errors import ConfigError, PlaceholderMismatchError
-from llava_uhd.model.attention import cu_seqlens, segment_ids
+from llava_uhd.errors import ModelInputError, PlaceholderMismatchError
 from llava_uhd.model.configuration import MODEL_TYPE, LlavaUHDConfig
-from llava_uhd.model.pos_embed import sincos_2d
-from llava_uhd.model.resampler import INIT_STD, PerceiverResampler, build_resampler
-from llava_uhd.model.vision import PatchEmbed, VisionTransformer
+from llava_uhd.model.init import init_weights
+from llava_uhd.model.packing import gather_segments
+from llava_uhd.model.resamplers import build_resampler
+from llava_uhd.model.vision import VisionTransformer
 
 # Token id that stands in for a placeholder in the embedding lookup; its embedding is overwritten.
 PLACEHOLDER_LOOKUP_ID = 0
@@ -61,7 +60,7 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["EncoderBlock", "PerceiverResampler"]
+    _no_split_modules = ["EncoderBlock", "PerceiverResampler", "WindowedResampler"]
 
     def __init__(self, config: LlavaUHDConfig, language_model: PreTrainedModel | None = None) -> None:
         super().__init__(config)
@@ -91,32 +90,11 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.language_model.get_decoder()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise our own modules (the LM initialises itself); the resampler as the released code does.
+        """Our modules' one recipe (:mod:`llava_uhd.model.init`); the LM initialises itself.
 
         transformers calls this only for modules whose weights were not loaded, children first.
         """
-        if isinstance(module, PerceiverResampler):  # the windowed subclass has the same parameters
-            hf_init.trunc_normal_(module.query, std=INIT_STD)
-            hf_init.copy_(module.pos_embed, sincos_2d(module.embed_dim, module.grid_side, module.grid_side))
-            hf_init.copy_(module.proj, module.embed_dim**-0.5 * torch.randn_like(module.proj))
-        elif isinstance(module, nn.MultiheadAttention):
-            module._reset_parameters()
-        elif isinstance(module, nn.Linear):
-            hf_init.trunc_normal_(module.weight, std=INIT_STD)
-            if module.bias is not None:
-                hf_init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            hf_init.ones_(module.weight)
-            hf_init.zeros_(module.bias)
-        elif isinstance(module, PatchEmbed):
-            hf_init.normal_(module.weight, std=module.weight.shape[0] ** -0.5)
-            if module.bias is not None:
-                hf_init.zeros_(module.bias)
-        elif isinstance(module, VisionTransformer):
-            width = module.config.hidden_size
-            if module.cls_token is not None:
-                hf_init.normal_(module.cls_token, std=width**-0.5)
-            hf_init.normal_(module.pos_embed, std=INIT_STD)
+        init_weights(module)
 
     # ---- the multimodal part ------------------------------------------------------------------------
 
@@ -151,7 +129,7 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 )
             return embeds
         if piece_grids is None:
-            raise ConfigError("pixel_values were given without piece_grids (N, 2)")
+            raise ModelInputError("pixel_values were given without piece_grids (N, 2)")
         features = self.encode_pieces(pixel_values, piece_grids)  # (N, Q, D)
         num_features = features.shape[0] * features.shape[1]
         if num_placeholders != num_features:
@@ -194,10 +172,10 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         past = cache if cache is not None else kwargs.pop("past_key_values", None)
         if inputs_embeds is None:
             if input_ids is None:
-                raise ConfigError("forward needs input_ids or inputs_embeds")
+                raise ModelInputError("forward needs input_ids or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, piece_grids)
         elif pixel_values is not None:
-            raise ConfigError(
+            raise ModelInputError(
                 "give pixel_values with input_ids (placeholders are found by id), not with inputs_embeds"
             )
         lm_kwargs = {self._lm_cache_name: past} if past is not None else {}
@@ -269,28 +247,11 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 f"the text's placeholders make {int(pieces_per_row.sum())} pieces of {self.num_queries} tokens "
                 f"but piece_grids has {num_pieces}"
             )
-        piece_order = _repeat_segments(pieces_per_row, times)  # (N * times,) index into the N pieces
-        patches_per_piece = piece_grids[:, 0] * piece_grids[:, 1]
-        patch_order = _gather_segments(patches_per_piece, piece_order)
+        rows = torch.arange(pieces_per_row.numel(), device=pieces_per_row.device)
+        # (N * times,) index into the N pieces: each row's pieces as a block, the block repeated in a row
+        piece_order = gather_segments(pieces_per_row, rows.repeat_interleave(times))
+        patch_order = gather_segments(piece_grids[:, 0] * piece_grids[:, 1], piece_order)
         return pixel_values[patch_order], piece_grids[piece_order]
-
-
-def _repeat_segments(lengths: torch.Tensor, times: int) -> torch.Tensor:
-    """Indices that repeat each consecutive segment of (B,) ``lengths`` ``times`` times as a block."""
-    starts = cu_seqlens(lengths)[:-1]  # (B,)
-    new_lengths = lengths * times
-    seg = segment_ids(new_lengths)  # (B * times... flattened,) segment of every output slot
-    local = torch.arange(seg.numel(), device=lengths.device) - cu_seqlens(new_lengths)[seg]
-    return starts[seg] + local % lengths[seg].clamp(min=1)
-
-
-def _gather_segments(lengths: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Row indices that lay out the segments of (N,) ``lengths`` in ``order`` (segments may repeat)."""
-    starts = cu_seqlens(lengths)[:-1]
-    new_lengths = lengths[order]
-    seg = segment_ids(new_lengths)
-    local = torch.arange(seg.numel(), device=lengths.device) - cu_seqlens(new_lengths)[seg]
-    return starts[order][seg] + local
 
 
 def _cache_argument(language_model: nn.Module) -> str:

@@ -1,10 +1,11 @@
-"""The spatially constrained resampler of the released LLaVA-UHD checkpoint (issue 4; DESIGN.md section 2).
+"""The spatially constrained resampler of the released LLaVA-UHD checkpoint (the ``official-v1`` preset).
 
 The paper's resampler (section 3.2) lets every query attend to all of a piece's features. The released
 ``llava-uhd-144-13b`` checkpoint constrains it spatially: the piece's feature map is cut into a
 ``G x G`` grid of windows (G = 12 for its 144 queries), each window is RoIAlign-pooled to a handful of
 cells, and query ``i`` (row-major) attends only to window ``i``'s pooled keys and values. Everything
-else is the paper resampler, so the parameters (and the checkpoint's key names) are the same:
+else is the paper resampler's (:class:`~llava_uhd.model.resampler_base.Resampler`), so the parameters
+(and the checkpoint's key names) are the same:
 
     x = ln_kv(kv_proj(features))                       # (L, D)
     k = x + pos_embed resized bicubic to (rows, cols)  # positions added before pooling
@@ -28,8 +29,9 @@ import math
 
 import torch
 
-from llava_uhd.errors import ConfigError
-from llava_uhd.model.resampler import PerceiverResampler, check_piece_grids
+from llava_uhd.errors import ModelInputError
+from llava_uhd.model.packing import gather_segments
+from llava_uhd.model.resampler_base import Resampler
 from llava_uhd.model.roi_align import roi_align_grid
 from llava_uhd.model.windows import pooled_size
 
@@ -46,7 +48,7 @@ def window_bounds(rows: int, cols: int, grid_side: int) -> tuple[torch.Tensor, t
     at its start plus that length. We do the same arithmetic so the float32 boxes match bit for bit.
     """
     if rows < 1 or cols < 1:
-        raise ConfigError(f"feature map must be at least 1x1 patches, got rows={rows}, cols={cols}")
+        raise ModelInputError(f"feature map must be at least 1x1 patches, got rows={rows}, cols={cols}")
     aspect = cols / rows
     height = math.sqrt(rows * cols / grid_side**2 / aspect)
     width = height * aspect
@@ -55,12 +57,13 @@ def window_bounds(rows: int, cols: int, grid_side: int) -> tuple[torch.Tensor, t
     return torch.tensor(row_bounds, dtype=torch.float32), torch.tensor(col_bounds, dtype=torch.float32)
 
 
-class WindowedResampler(PerceiverResampler):
+class WindowedResampler(Resampler):
     """The released spatially constrained resampler: (Pt, Dv) packed features -> (N, Q, D) tokens.
 
-    Same constructor and parameters as :class:`~llava_uhd.model.resampler.PerceiverResampler`; only
-    the attention pattern differs (one window per query). Pieces of one grid shape are pooled and
-    attended together; the loop runs over the distinct shapes of a batch (two for a sliced image).
+    Constructor and parameters are :class:`~llava_uhd.model.resampler_base.Resampler`'s, as for the
+    perceiver; only the attention pattern differs (one window per query). Pieces of one grid shape are
+    pooled and attended together; the loop runs over the distinct shapes of a batch (two for a sliced
+    image).
     """
 
     def pool_windows(self, maps: torch.Tensor) -> torch.Tensor:
@@ -83,21 +86,17 @@ class WindowedResampler(PerceiverResampler):
 
     def forward(self, features: torch.Tensor, piece_grids: torch.Tensor) -> torch.Tensor:
         """(Pt, Dv) packed features of N pieces with (N, 2) (rows, cols) grids -> (N, Q, D) tokens."""
-        lengths = check_piece_grids(features, piece_grids).to(features.device)
-        piece_grids = piece_grids.to(features.device)
-        x = self.ln_kv(self.kv_proj(features))  # (Pt, D)
-        keys = x + self.key_positions(piece_grids).to(x.dtype)  # (Pt, D): positions before pooling
-        query = self.queries(1)[0].to(x.dtype)  # (Q, D)
-        starts = torch.cumsum(lengths, 0) - lengths  # (N,) first packed row of each piece
-
-        num_pieces = piece_grids.shape[0]
-        out = x.new_empty(num_pieces, self.num_queries, self.embed_dim)
-        shapes, shape_of_piece = torch.unique(piece_grids, dim=0, return_inverse=True)  # (U, 2), (N,)
+        # keys carry their positions before pooling
+        counts, keys, values = self.keys_and_values(features, piece_grids)  # (N,), (Pt, D), (Pt, D)
+        query = self.queries().to(values.dtype)  # (Q, D)
+        out = values.new_empty(counts.numel(), self.num_queries, self.embed_dim)
+        grids = piece_grids.to(values.device)
+        shapes, shape_of_piece = torch.unique(grids, dim=0, return_inverse=True)  # (U, 2), (N,)
         for index, (rows, cols) in enumerate(shapes.tolist()):
             pieces = torch.nonzero(shape_of_piece == index).squeeze(1)  # (B,)
-            patch_rows = starts[pieces][:, None] + torch.arange(rows * cols, device=x.device)  # (B, L)
+            patch_rows = gather_segments(counts, pieces)  # (B * R * C,) packed rows of these pieces
             # keys and values pooled in one call: (B, R, C, 2D)
-            maps = torch.cat([keys[patch_rows], x[patch_rows]], dim=-1).view(
+            maps = torch.cat([keys[patch_rows], values[patch_rows]], dim=-1).view(
                 -1, rows, cols, 2 * self.embed_dim
             )
             pooled = self.pool_windows(maps)  # (B, Q, ph*pw, 2D)
@@ -107,4 +106,4 @@ class WindowedResampler(PerceiverResampler):
             q_win = query.repeat(batch, 1).unsqueeze(1)  # (B*Q, 1, D): query i meets window i only
             attended, _ = self.attn(q_win, k_win, v_win, need_weights=False)  # (B*Q, 1, D)
             out.index_copy_(0, pieces, attended.view(batch, self.num_queries, self.embed_dim))
-        return self.ln_post(out) @ self.proj
+        return self.output(out)

@@ -1,7 +1,7 @@
 """RoIAlign (He et al., Mask R-CNN, 2017) with torchvision's exact sampling rules, in pure torch.
 
 The released LLaVA-UHD checkpoint pools each of its 12x12 key/value windows with
-``torchvision.ops.roi_align`` (issue 4). torchvision is optional here (its wheels are tied to one torch
+``torchvision.ops.roi_align``. torchvision is optional here (its wheels are tied to one torch
 build, and with the CPU torch 2.13 it fails to import), so this module reproduces its CPU/CUDA kernel:
 
 * a box (x1, y1, x2, y2) is scaled by ``spatial_scale``; with ``aligned=False`` its sides are clamped to
@@ -16,7 +16,7 @@ Bilinear sampling and the validity rule are separable in y and x, so pooling one
 That turns the whole operation into batched matrix products: no loop per box, and for a grid of boxes
 that share row and column intervals (the resampler's windows) the matrices are shared too.
 
-Computed in float32 whatever the input dtype (issue 4), the result cast back.
+Computed in float32 whatever the input dtype, the result cast back.
 
 Dimensions: K boxes, B feature maps, C channels, H x W feature map, ph x pw pooled size,
 R x S grid of row x column intervals, G samples per bin (padded to the largest over boxes).
@@ -28,6 +28,8 @@ import functools
 import logging
 
 import torch
+
+from llava_uhd.errors import ModelInputError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def axis_weights(
         samples, i.e. pooled[k, p] = sum_i weights[k, p, i] * feature[i] along this axis.
     """
     if pooled < 1 or size < 1:
-        raise ValueError(f"RoIAlign needs pooled >= 1 and size >= 1, got pooled={pooled}, size={size}")
+        raise ModelInputError(f"RoIAlign needs pooled >= 1 and size >= 1, got pooled={pooled}, size={size}")
     start = start.to(torch.float32)
     end = end.to(torch.float32)
     offset = 0.5 if aligned else 0.0
@@ -115,9 +117,9 @@ def axis_weights(
 
 def _check_input(input: torch.Tensor, output_size: tuple[int, int]) -> None:
     if input.dim() != 4:
-        raise ValueError(f"RoIAlign input must be (B, C, H, W), got shape {tuple(input.shape)}")
+        raise ModelInputError(f"RoIAlign input must be (B, C, H, W), got shape {tuple(input.shape)}")
     if len(output_size) != 2 or min(output_size) < 1:
-        raise ValueError(f"RoIAlign output_size must be (height, width) >= 1, got {output_size!r}")
+        raise ModelInputError(f"RoIAlign output_size must be (height, width) >= 1, got {output_size!r}")
 
 
 def roi_align_torch(
@@ -140,7 +142,7 @@ def roi_align_torch(
     """
     _check_input(input, output_size)
     if boxes.dim() != 2 or boxes.shape[1] != _BOX_COLUMNS:
-        raise ValueError(
+        raise ModelInputError(
             f"RoIAlign boxes must be (K, 5) rows of (batch, x1, y1, x2, y2), got {tuple(boxes.shape)}"
         )
     pooled_h, pooled_w = output_size

@@ -23,12 +23,7 @@ from torch import nn
 
 from llava_uhd.config import VisionConfig
 from llava_uhd.errors import ConfigError
-
-
-def piece_offsets(piece_grids: torch.Tensor) -> torch.Tensor:
-    """(N, 2) grids -> (N + 1,) offsets of each piece's first patch in the packed patch rows."""
-    counts = piece_grids.prod(dim=1)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+from llava_uhd.model.packing import gather_segments, segment_ids
 
 
 def center_pieces(pixel_values: torch.Tensor, piece_grids: torch.Tensor, channels: int) -> torch.Tensor:
@@ -38,7 +33,7 @@ def center_pieces(pixel_values: torch.Tensor, piece_grids: torch.Tensor, channel
     tokens collapse; centring keeps the contrast of the ink and drops the page's brightness.
     """
     counts = piece_grids.prod(dim=1)
-    piece_of_patch = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    piece_of_patch = segment_ids(counts)
     per_channel = pixel_values.view(pixel_values.shape[0], channels, -1)  # (Pt, C, P*P)
     sums = per_channel.new_zeros(counts.numel(), channels).index_add_(0, piece_of_patch, per_channel.sum(-1))
     means = sums / (counts[:, None] * per_channel.shape[-1])  # (N, C)
@@ -75,13 +70,12 @@ class ConvStem(nn.Module):
 
     def forward(self, patches: torch.Tensor, piece_grids: torch.Tensor) -> torch.Tensor:
         p, c = self.patch_size, self.channels
-        offsets = piece_offsets(piece_grids)
+        counts = piece_grids.prod(dim=1)
         out = patches.new_empty(patches.shape[0], self.conv3.out_channels, dtype=self.conv3.weight.dtype)
         shapes, shape_of_piece = torch.unique(piece_grids, dim=0, return_inverse=True)
         for u, (rows, cols) in enumerate(shapes.tolist()):
             pieces = torch.nonzero(shape_of_piece == u).flatten()  # (G,)
-            n = rows * cols
-            rows_index = (offsets[pieces][:, None] + torch.arange(n, device=patches.device)).flatten()
+            rows_index = gather_segments(counts, pieces)  # the G pieces' patch rows, in order
             grid = patches[rows_index].to(self.conv1.weight.dtype)
             image = (
                 grid.view(-1, rows, cols, c, p, p)

@@ -33,7 +33,7 @@ KeyMap = dict[str, str]
 _ANCHOR_KEY = "embeddings.patch_embedding.weight"
 # Source tensors a vision tower checkpoint carries that our encoder deliberately does not use: the final
 # layernorm and SigLIP's pooling head act on the last layer's output, which LLaVA-UHD never reads (it takes
-# layer -2, DESIGN.md section 4); position_ids is a non-learned buffer older transformers saved.
+# layer -2); position_ids is a non-learned buffer older transformers saved.
 _UNUSED_VISION_KEYS = ("post_layernorm.", "head.", "embeddings.position_ids")
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"

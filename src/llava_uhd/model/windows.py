@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from llava_uhd.errors import ConfigError
+from llava_uhd.errors import ModelInputError
 
 # The released code's pooled sizes per window, as (width, height): 8, 6, 12, 9, 8, 6, 12 cells. The one
 # whose aspect ratio is closest (in log) to the feature map's wins; a tie keeps the earlier candidate.
@@ -24,7 +24,7 @@ def pooled_size(rows: int, cols: int) -> tuple[int, int]:
     equal candidates wins), computed with Python floats exactly as the released code does.
     """
     if rows < 1 or cols < 1:
-        raise ConfigError(f"feature map must be at least 1x1 patches, got rows={rows}, cols={cols}")
+        raise ModelInputError(f"feature map must be at least 1x1 patches, got rows={rows}, cols={cols}")
     log_ratio = math.log(cols / rows)
     best_w, best_h = DEFAULT_POOLED_WH
     best_error = float("inf")

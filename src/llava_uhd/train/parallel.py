@@ -9,8 +9,7 @@ batch (see :mod:`llava_uhd.train.loop`), so every engine must *sum* micro-batche
 
 All four run on CPU under ``torchrun`` with gloo (tests/test_distributed.py): FSDP needs its ``device_id``
 spelled out there, and DeepSpeed is kept from JIT-compiling its shared-memory op (see
-:func:`skip_deepspeed_shm_op`) and gathers the vision tower whole under ZeRO-3 (see
-:func:`gather_vision_tower_whole`). LoRA trains on all four; its adapters are folded into the gathered
+:func:`skip_deepspeed_shm_op`). LoRA trains on all four; its adapters are folded into the gathered
 weights at the end (:mod:`llava_uhd.train.lora`).
 """
 
@@ -29,7 +28,6 @@ import torch.distributed as dist
 from torch import nn
 
 from llava_uhd.errors import CheckpointError, ConfigError
-from llava_uhd.train.stages import VISION
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -292,22 +290,6 @@ def skip_deepspeed_shm_op() -> None:
     deepspeed.ops.__compatible_ops__[DEEPSPEED_SHM_OP] = False
 
 
-def gather_vision_tower_whole(model: nn.Module) -> None:
-    """Make ZeRO-3 gather the vision tower as one unit instead of hooking each of its submodules (CPU runs).
-
-    ZeRO-3 hooks every submodule, records the order they run in, and gathers (and prefetches) weights by
-    that record, each rank by its own. On CPU the ViT's inference path calls its norm and activation
-    modules once per chunk of patches (``model/vision.py``), a count that depends on the micro-batch, so
-    the ranks' records disagree, their all-gathers stop lining up and the run hangs. A ZeRO-3 "leaf"
-    module is gathered whole when entered and not traced inside. GPU runs take the ViT's plain path.
-    """
-    from deepspeed.utils import set_z3_leaf_module
-
-    tower = getattr(model, VISION, None)
-    if isinstance(tower, nn.Module):
-        set_z3_leaf_module(tower, True)
-
-
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO via ``deepspeed.initialize``; it accumulates, clips and reduces by its JSON config."""
 
@@ -316,7 +298,6 @@ class DeepSpeedEngine(Engine):
 
         if next(model.parameters()).device.type == "cpu":
             skip_deepspeed_shm_op()
-            gather_vision_tower_whole(model)
         self.module = model
         self.max_grad_norm = ds_config.get("gradient_clipping")
         self.accumulation = int(ds_config["gradient_accumulation_steps"])
