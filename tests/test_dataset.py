@@ -234,6 +234,80 @@ def test_bad_record_skip_logs_and_resamples(processor, folder, tmp_path):
         all_bad[0]
 
 
+@pytest.fixture
+def escapes(tmp_path):
+    """An image folder, an image beside it, and records that reach that image from inside the folder."""
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    Image.new("RGB", (60, 90), (30, 30, 200)).save(images / "inside.png")
+    Image.new("RGB", (60, 90), (200, 30, 30)).save(tmp_path / "outside.png")
+    (images / "link.png").symlink_to(tmp_path / "outside.png")  # inside by name, outside once resolved
+    (images / "inner-link.png").symlink_to(images / "inside.png")
+    outside = [
+        {"id": "dotdot", "image": "sub/../../outside.png", "conversations": conv("<image>")},
+        {"id": "absolute", "image": str(tmp_path / "outside.png"), "conversations": conv("<image>")},
+        {"id": "symlink", "image": "link.png", "conversations": conv("<image>")},
+    ]
+    inside = [
+        {"id": "plain", "image": "inside.png", "conversations": conv("<image>")},
+        {"id": "dotdot-inside", "image": "sub/../inside.png", "conversations": conv("<image>")},
+        {"id": "inner-link", "image": "inner-link.png", "conversations": conv("<image>")},
+    ]
+    return images, outside, inside
+
+
+def test_image_paths_outside_the_image_folder_are_bad_samples(processor, escapes, tmp_path):
+    images, outside, inside = escapes
+    for record in outside:
+        with pytest.raises(BadSampleError, match="outside the image folder") as info:
+            LlavaDataset([record], images, processor)[0]
+        assert info.value.sample_id == record["id"]
+        assert (
+            f"image {record['image']!r} resolves to {tmp_path.resolve() / 'outside.png'}" in info.value.reason
+        )
+        assert "data.allow_outside_image_folder" in info.value.reason
+    assert [LlavaDataset([r], images, processor)[0]["id"] for r in inside] == [r["id"] for r in inside]
+
+    log = tmp_path / "skipped.jsonl"
+    ds = LlavaDataset([*outside, inside[0]], images, processor, on_bad_sample="skip", skip_log=log)
+    assert ds.lengths()[:3] == [0, 0, 0]  # never probed
+    assert ds[0]["id"] == "plain"
+    entries = read_skip_log(log)
+    assert [e["id"] for e in entries] == ["dotdot", "absolute", "symlink"]
+    assert all("outside the image folder" in e["reason"] for e in entries)
+
+
+def test_outside_image_paths_load_when_allowed(processor, escapes):
+    images, outside, _ = escapes
+    ds = LlavaDataset(outside, images, processor, allow_outside_image_folder=True)
+    assert [ds[i]["id"] for i in range(len(ds))] == ["dotdot", "absolute", "symlink"]
+    assert all(length > 0 for length in ds.lengths())
+
+
+def test_the_training_config_flag_reaches_the_dataset(escapes, tmp_path):
+    from pathlib import Path
+
+    from llava_uhd.train.config import TrainConfig
+    from llava_uhd.train.entry import build_data
+    from llava_uhd.train.setup import build_processor
+    from llava_uhd.train.stages import get_stage
+
+    images, outside, _ = escapes
+    (tmp_path / "data.json").write_text(json.dumps(outside))
+    debug = Path(__file__).resolve().parents[1] / "configs" / "train" / "debug-cpu.yaml"
+    base = [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.train={tmp_path / 'data.json'}",
+        f"data.image_folder={images}",
+    ]
+    for flag in (False, True):
+        config = TrainConfig.load(debug, [*base, f"data.allow_outside_image_folder={str(flag).lower()}"])
+        config = config.resolved()
+        data = build_data(config, get_stage(config.stage), build_processor(config), rank=0)
+        assert data.dataset.allow_outside_image_folder is flag
+        assert (data.lengths == [0, 0, 0]) is not flag
+
+
 def test_invalid_settings(processor):
     with pytest.raises(ConfigError, match="on_bad_sample must be 'error' or 'skip', got 'drop'"):
         LlavaDataset([], None, processor, on_bad_sample="drop")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -210,3 +211,126 @@ def test_processor_and_model_save_and_load_together(bpe_tokenizer, tmp_path) -> 
 def _saved(tokenizer, folder) -> str:
     tokenizer.save_pretrained(str(folder))
     return str(folder)
+
+
+@pytest.fixture
+def saved_tiny(tiny_model, tmp_path):
+    """The tiny model saved alone (config.json + model.safetensors), and its config as a dict."""
+    folder = tmp_path / "saved"
+    tiny_model.save_pretrained(folder)
+    return folder, json.loads((folder / "config.json").read_text())
+
+
+def _write_config(folder, config: dict) -> None:
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_damaged_config_is_refused_before_any_weight_is_allocated(saved_tiny) -> None:
+    from llava_uhd.auto import load_pretrained
+
+    folder, _ = saved_tiny
+    # Built, this config would be the full-size default model (a ViT-L and a 7B Llama).
+    _write_config(folder, {"model_type": "llava_uhd", "nonsense": 1})
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(folder)
+    message = str(info.value)
+    assert message == (
+        f"{folder}: config.json lacks the section(s) ['vision', 'resampler', 'slicing', 'text', 'text_config']"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda c: {**c, "nonsense": 1}, "config.json has unknown key(s) ['nonsense']"),
+        (lambda c: {**c, "vision": {**c["vision"], "bogus": 1}}, "preset.vision: unknown field(s) ['bogus']"),
+        (lambda c: {**c, "model_type": "llama"}, "config.json model_type is 'llama', not 'llava_uhd'"),
+        (
+            lambda c: {**c, "text_config": {**c["text_config"], "model_type": "nope"}},
+            "text_config has model_type 'nope', which transformers does not know",
+        ),
+    ],
+    ids=["unknown-key", "unknown-section-field", "other-model", "unknown-text-model"],
+)
+def test_config_keys_and_sections_are_checked(saved_tiny, change, problem) -> None:
+    from llava_uhd.auto import load_pretrained
+
+    folder, config = saved_tiny
+    _write_config(folder, change(config))
+    with pytest.raises(CheckpointError, match=re.escape(problem)) as info:
+        load_pretrained(folder)
+    assert str(info.value).startswith(f"{folder}: ")
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            lambda c: {**c, "text_config": {**c["text_config"], "vocab_size": 64000}},
+            "2 of another shape: language_model.lm_head.weight [32000, 64] (config: [64000, 64]), "
+            "language_model.model.embed_tokens.weight [32000, 64] (config: [64000, 64])",
+        ),
+        (
+            lambda c: {**c, "resampler": {**c["resampler"], "num_queries": 9}},
+            "resampler.query [16, 64] (config: [9, 64])",
+        ),
+        (
+            lambda c: {**c, "vision": {**c["vision"], "image_size": 224}},
+            "vision_tower.pos_embed [65, 32] (config: [257, 32])",
+        ),
+        (
+            lambda c: {**c, "text_config": {**c["text_config"], "num_hidden_layers": 40}},
+            "342 missing: language_model.model.layers.2.",
+        ),
+        (
+            lambda c: {**c, "vision": {**c["vision"], "num_layers": 1}},
+            "unexpected: vision_tower.blocks.1.",
+        ),
+    ],
+    ids=["lm-embed", "resampler-query", "vision-pos-embed", "more-lm-layers", "fewer-vit-layers"],
+)
+def test_a_config_whose_sizes_disagree_with_the_weights_is_refused(saved_tiny, change, problem) -> None:
+    from llava_uhd.auto import load_pretrained
+
+    folder, config = saved_tiny
+    _write_config(folder, change(config))
+    with pytest.raises(CheckpointError, match=re.escape(problem)) as info:
+        load_pretrained(folder)
+    assert str(info.value).startswith(f"{folder}: the weights do not fit config.json: ")
+    assert "\n" not in str(info.value)
+
+
+def test_a_good_folder_passes_the_check_sharded_or_not(tiny_model, saved_tiny, tmp_path) -> None:
+    from llava_uhd.auto import check_model_folder
+
+    folder, config = saved_tiny
+    assert check_model_folder(folder).to_dict() == LlavaUHDConfig.from_pretrained(folder).to_dict()
+    sharded = tmp_path / "sharded"
+    tiny_model.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and not (
+        sharded / "model.safetensors"
+    ).exists()
+    check_model_folder(sharded)
+    _write_config(sharded, {**config, "resampler": {**config["resampler"], "num_queries": 9}})
+    with pytest.raises(CheckpointError, match=re.escape("resampler.query [16, 64] (config: [9, 64])")):
+        check_model_folder(sharded)
+
+
+def test_a_tied_head_is_expected_once(tmp_path) -> None:
+    from llava_uhd.auto import check_model_folder
+
+    text = {**TINY.text.config, "tie_word_embeddings": True}
+    model = LlavaUHDForConditionalGeneration(
+        LlavaUHDConfig.from_preset(TINY.with_overrides(text={"config": text}))
+    )
+    model.save_pretrained(tmp_path)
+    check_model_folder(tmp_path)
+
+
+def test_a_folder_without_safetensors_weights_is_refused(saved_tiny) -> None:
+    from llava_uhd.auto import check_model_folder
+
+    folder, _ = saved_tiny
+    (folder / "model.safetensors").rename(folder / "weights.bin")
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder}: no model.safetensors")):
+        check_model_folder(folder)

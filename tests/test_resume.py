@@ -1,6 +1,7 @@
 """Exact resume: a run SIGKILLed at a random step and resumed ends bitwise equal to an uninterrupted run.
 
-Also the checkpoint mechanics: atomic folders, keep-last-K, the stored state and config, RNG round trip.
+Also the checkpoint mechanics: atomic folders, keep-last-K, the stored state and config, RNG round trip,
+and that no file of a checkpoint can run code on resume.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +29,11 @@ from llava_uhd.train.checkpointing import (
     check_compatible,
     latest_checkpoint,
     list_checkpoints,
+    load_data_file,
     restore_rng,
 )
+from llava_uhd.train.config import TrainConfig
+from llava_uhd.train.entry import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "train" / "debug-cpu.yaml"
@@ -210,3 +216,83 @@ def test_rng_states_round_trip() -> None:
     assert random.random() == expected[0]
     assert float(np.random.rand()) == expected[1]
     assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_rng_states_round_trip_through_the_checkpoint_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    io = _io(tmp_path)
+    path = _save(io, 1)
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    restore_rng(
+        io.load_rng(path)
+    )  # loaded with weights_only=True: numpy's key array is allowed, nothing else
+    assert (random.random(), float(np.random.rand())) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+class _Planted:
+    """A pickle that creates ``marker`` when unpickled with ``weights_only=False``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def one_step_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one_step")
+    overrides = [f"output_dir={out}", "max_steps=1", "save_every=1", "data.synthetic_eval_samples=0"]
+    run_training(TrainConfig.load(DEBUG, overrides))
+    return latest_checkpoint(out)
+
+
+@pytest.mark.parametrize("planted", ["rng/rank0.pt", "scheduler.pt", "optimizer.pt"])
+def test_resume_refuses_a_checkpoint_file_that_would_run_code(
+    one_step_checkpoint: Path, tmp_path: Path, planted: str
+) -> None:
+    checkpoint = tmp_path / "checkpoints" / one_step_checkpoint.name
+    shutil.copytree(one_step_checkpoint, checkpoint)
+    marker = tmp_path / "code-ran"
+    torch.save(_Planted(marker), checkpoint / planted)
+    overrides = [f"output_dir={tmp_path / 'resumed'}", "max_steps=1", "data.synthetic_eval_samples=0"]
+    with pytest.raises(
+        CheckpointError,
+        match=f"{re.escape(str(checkpoint / planted))}: refused to load, it holds posix.system,",
+    ):
+        run_training(TrainConfig.load(DEBUG, overrides), resume=checkpoint)
+    assert not marker.exists()
+    torch.load(checkpoint / planted, weights_only=False)  # the plant is live: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_a_missing_or_truncated_checkpoint_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="scheduler.pt: no such checkpoint file"):
+        load_data_file(tmp_path / "scheduler.pt")
+    torch.save({"step": torch.zeros(4)}, tmp_path / "optimizer.pt")
+    data = (tmp_path / "optimizer.pt").read_bytes()
+    (tmp_path / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="optimizer.pt: cannot be read"):
+        load_data_file(tmp_path / "optimizer.pt")
+
+
+def test_a_deepspeed_engine_file_that_would_run_code_is_refused_before_deepspeed_reads_it(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("deepspeed")
+    from llava_uhd.train.parallel import check_deepspeed_checkpoint
+
+    engine = tmp_path / "engine"
+    (engine / "state").mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}}, engine / "state" / "mp_rank_00_model_states.pt")
+    check_deepspeed_checkpoint(engine)
+    marker = tmp_path / "code-ran"
+    planted = engine / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": _Planted(marker)}, planted)
+    with pytest.raises(
+        CheckpointError, match=f"{re.escape(str(planted))}: refused to load, it holds posix.system,"
+    ):
+        check_deepspeed_checkpoint(engine)
+    assert not marker.exists()

@@ -8,16 +8,23 @@ written by :func:`save_pretrained`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from llava_uhd.errors import CheckpointError, ConfigError
-from llava_uhd.model.configuration import LlavaUHDConfig
+from llava_uhd.model.configuration import LlavaUHDConfig, check_saved_config
 from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
 from llava_uhd.processing import PRESET_FILE, LlavaUHDProcessor
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# How many offending tensor names a refusal lists per kind (the count is always given).
+_NAMES_SHOWN = 3
 
 # Loading options AutoProcessor adds for hub downloads; a saved processor folder is local and needs none.
 HUB_LOADING_OPTIONS = frozenset(
@@ -71,16 +78,17 @@ def load_pretrained(
     preset stored in the model config. ``processor_options`` (e.g. ``padding_side``) override the saved
     options.
 
+    The folder is checked before any weight is allocated (:func:`check_model_folder`), so a damaged
+    ``config.json`` is an error instead of a model built at the default size.
+
     Raises:
-        CheckpointError: the folder does not exist or holds no LLaVA-UHD model.
+        CheckpointError: the folder does not exist, holds no LLaVA-UHD model, or its config and weights
+            do not agree.
         ConfigError: the processor does not write the placeholders and pieces the model expects.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such model folder")
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: no config.json; not a saved LLaVA-UHD model")
-    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype)
+    config = check_model_folder(folder)
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), config=config, dtype=dtype)
     if not isinstance(model, LlavaUHDForConditionalGeneration):
         raise CheckpointError(f"{folder}: holds a {type(model).__name__}, not a LLaVA-UHD model")
     if device is not None:
@@ -92,6 +100,88 @@ def load_pretrained(
         processor = LlavaUHDProcessor(tokenizer, model.config.to_preset(), **processor_options)
     check_compatible(model, processor)
     return model.eval(), processor
+
+
+def check_model_folder(folder: Path) -> LlavaUHDConfig:
+    """The config of a saved model folder, once it and the weights' shapes have been checked.
+
+    ``config.json`` must pass :func:`~llava_uhd.model.configuration.check_saved_config`; then the model
+    it describes is built on the meta device (no memory) and every tensor in the safetensors headers must
+    be one of its tensors with its shape, and every one of its tensors must be there (a tied pair once).
+    Nothing is read but JSON and the headers.
+
+    Raises:
+        CheckpointError: one line naming the folder and the problem.
+    """
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such model folder")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder}: no config.json; not a saved LLaVA-UHD model")
+    try:
+        data = json.loads(config_file.read_text())
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise CheckpointError(f"{folder}: config.json is not JSON ({exc})") from None
+    try:
+        if not isinstance(data, dict):
+            raise ConfigError(f"holds a {type(data).__name__}, not a mapping")
+        check_saved_config(data)
+        config = LlavaUHDConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError) as exc:  # ConfigError (a ValueError), or a value transformers refuses
+        raise CheckpointError(f"{folder}: config.json {exc}") from None
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated, whatever sizes the config claims
+            model = LlavaUHDForConditionalGeneration(config)
+    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. a size that is not a positive integer
+        raise CheckpointError(f"{folder}: config.json describes no model that can be built ({exc})") from None
+    problem = _weights_mismatch(_weight_shapes(folder), model)
+    if problem:
+        raise CheckpointError(f"{folder}: the weights do not fit config.json: {problem}")
+    return config
+
+
+def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors headers (one file or an index of shards); no data read."""
+    index = folder / WEIGHTS_INDEX
+    if not index.is_file() and not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX})")
+    try:
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
+            else [WEIGHTS_FILE]
+        )
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in files:
+            with safe_open(str(folder / name), framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    shapes[key] = tuple(weights.get_slice(key).get_shape())
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{folder}: cannot read the weights' headers ({exc})") from None
+    return shapes
+
+
+def _weights_mismatch(found: dict[str, tuple[int, ...]], model: torch.nn.Module) -> str:
+    """What differs between the weights' shapes and ``model``'s tensors ("" when they agree)."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    aliases: dict[int, list[str]] = {}  # a tied parameter is saved under one of its names
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    parameters = {name for names in aliases.values() for name in names}
+    groups = [*aliases.values(), *([name] for name in expected if name not in parameters)]  # + buffers
+    wrong = [
+        f"{name} {list(shape)} (config: {list(expected[name])})"
+        for name, shape in found.items()
+        if name in expected and expected[name] != shape
+    ]
+    unexpected = [name for name in found if name not in expected]
+    missing = [names[0] for names in groups if not any(name in found for name in names)]
+    parts = [
+        f"{len(names)} {kind}: {', '.join(names[:_NAMES_SHOWN])}{', ...' if len(names) > _NAMES_SHOWN else ''}"
+        for kind, names in (("of another shape", wrong), ("unexpected", unexpected), ("missing", missing))
+        if names
+    ]
+    return "; ".join(parts)
 
 
 def check_compatible(model: LlavaUHDForConditionalGeneration, processor: LlavaUHDProcessor) -> None:

@@ -11,11 +11,16 @@ A sample is a dict: ``id``; ``input_ids`` and ``labels`` (T,) long; ``pixel_valu
 and ``piece_grids`` (N, 2) long (empty for text-only samples); ``pieces_per_image`` (n_images,) long;
 ``num_text_tokens`` and ``num_visual_tokens`` (ints, for the length sampler).
 
-Bad records (missing or corrupt image, malformed turns, image-count mismatch, a visual block longer than
-``max_length``) raise :class:`~llava_uhd.errors.BadSampleError` naming the id and reason with
-``on_bad_sample="error"``. With ``"skip"`` the next record (index + 1, + 2, ... wrapping) is returned
-instead, deterministically, and every skipped id and reason is appended to the skip log (JSONL) and
-counted. Only typed errors are caught; a bug still crashes.
+Bad records (missing or corrupt image, an image path outside the image folder, malformed turns,
+image-count mismatch, a visual block longer than ``max_length``) raise
+:class:`~llava_uhd.errors.BadSampleError` naming the id and reason with ``on_bad_sample="error"``.
+With ``"skip"`` the next record (index + 1, + 2, ... wrapping) is returned instead, deterministically,
+and every skipped id and reason is appended to the skip log (JSONL) and counted. Only typed errors are
+caught; a bug still crashes.
+
+Image paths are resolved (``..`` and symlinks followed) and must land inside the image folder (the current
+folder when there is none): a record cannot make training read ``/etc/passwd`` or ``../../secret.jpg``.
+``allow_outside_image_folder`` lifts that for datasets that keep their images elsewhere.
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     Args:
         records: a list of records, or a path to a LLaVA JSON / JSONL file.
-        image_folder: the folder record image paths are relative to.
+        image_folder: the folder record image paths are relative to (None: the current folder).
         processor: the :class:`~llava_uhd.processing.LlavaUHDProcessor` that makes every sample
             (tokenizer with ``<image>``, preset, resize mode, token budget).
         template: ``plain``, ``vicuna_v1``, ``chat_template`` or a template object.
@@ -124,6 +129,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         skip_log: the JSONL file skipped samples are appended to (``"skip"`` only).
         augment: image augmentations (off by default, as in the released recipe).
         seed: seeds the augmentations together with the epoch (:meth:`set_epoch`) and index.
+        allow_outside_image_folder: accept absolute image paths and paths that resolve outside
+            ``image_folder``; by default such a record is a bad sample.
     """
 
     def __init__(
@@ -138,6 +145,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         skip_log: str | Path | None = None,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        allow_outside_image_folder: bool = False,
     ) -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ConfigError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -145,6 +153,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise ConfigError(f"max_length must be >= 1, got {max_length!r}")
         self.records = load_records(records) if isinstance(records, str | Path) else list(records)
         self.image_folder = Path(image_folder) if image_folder is not None else None
+        # resolved once: the root every image path must stay under
+        self._image_root = (self.image_folder or Path.cwd()).resolve()
+        self.allow_outside_image_folder = allow_outside_image_folder
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.preset: Preset = processor.preset
@@ -181,12 +192,23 @@ class LlavaDataset(torch.utils.data.Dataset):
                 self.skips.record(exc.sample_id, current, exc.reason)
         raise BadSampleError(record_id(self.records[index], index), "every record in the dataset is bad")
 
-    def _image_path(self, relative: str) -> Path:
-        return self.image_folder / relative if self.image_folder is not None else Path(relative)
+    def _image_path(self, relative: str, sample_id: str) -> Path:
+        """The file a record's image path names, resolved; outside the image folder it is a bad sample."""
+        try:
+            path = (self._image_root / relative).resolve()  # an absolute path replaces the root
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+            raise BadSampleError(sample_id, f"image {relative!r}: not a usable path ({exc})") from None
+        if not self.allow_outside_image_folder and not path.is_relative_to(self._image_root):
+            raise BadSampleError(
+                sample_id,
+                f"image {relative!r} resolves to {path}, outside the image folder {self._image_root} "
+                "(set data.allow_outside_image_folder to allow it)",
+            )
+        return path
 
     def _source(self, relative: str, sample_id: str, rng: random.Random) -> ImageSource:
         """What the processor reads for an image: its file, or with augmentation the augmented pixels."""
-        path = self._image_path(relative)
+        path = self._image_path(relative, sample_id)
         if not self.augment.enabled:
             return path
         try:
@@ -254,7 +276,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             conversation = parse_record(self.records[index], index)
             sizes = [  # header only
-                probe_image_size(self._image_path(path), max_pixels=limit) for path in conversation.images
+                probe_image_size(self._image_path(path, conversation.id), max_pixels=limit)
+                for path in conversation.images
             ]
             plans = self.processor.plan_images(sizes, overview_only=self.overview_only)
             encoded = self.processor.encode_conversation(conversation.turns, plans, self.template)

@@ -10,15 +10,20 @@ and the language model as a real transformers sub-config (``text_config``), whic
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Mapping
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from llava_uhd.config import Preset, ResamplerConfig, SlicingConfig, TextConfig, VisionConfig
 from llava_uhd.errors import ConfigError
 
 MODEL_TYPE = "llava_uhd"
+# The sections a saved config.json must hold: without one, the model would silently take the full-size
+# defaults (a ViT-L and a 7B Llama) instead of what its weights were trained as.
+SAVED_SECTIONS = ("vision", "resampler", "slicing", "text", "text_config")
 
 
 class LlavaUHDConfig(PretrainedConfig):
@@ -100,6 +105,43 @@ class LlavaUHDConfig(PretrainedConfig):
                 "template": self.template,
             }
         )
+
+
+def check_saved_config(data: Mapping[str, Any]) -> None:
+    """Check a ``config.json`` mapping before anything is built from it.
+
+    It must be a LLaVA-UHD config holding every section (:data:`SAVED_SECTIONS`), no key that neither
+    :class:`LlavaUHDConfig` nor transformers writes, typed sections that read back as a
+    :class:`~llava_uhd.config.Preset`, and a ``text_config`` of a model type transformers knows.
+
+    Raises:
+        ConfigError: naming the first problem found.
+    """
+    model_type = data.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ConfigError(f"model_type is {model_type!r}, not {MODEL_TYPE!r}")
+    missing = [key for key in SAVED_SECTIONS if not isinstance(data.get(key), Mapping)]
+    if missing:
+        raise ConfigError(f"lacks the section(s) {missing}")
+    unknown = sorted(set(data) - _saved_keys())
+    if unknown:
+        raise ConfigError(f"has unknown key(s) {unknown}")
+    Preset.from_dict(  # the typed sections, checked field by field as to_preset() will read them
+        {
+            "name": data.get("preset_name", LlavaUHDConfig.preset_name),
+            "template": data.get("template", LlavaUHDConfig.template),
+            **{key: data[key] for key in ("slicing", "vision", "resampler", "text")},
+        }
+    )
+    text_type = data["text_config"].get("model_type")
+    if not isinstance(text_type, str) or text_type not in CONFIG_MAPPING:
+        raise ConfigError(f"text_config has model_type {text_type!r}, which transformers does not know")
+
+
+@functools.cache
+def _saved_keys() -> frozenset[str]:
+    """Every top-level key a saved config may hold: the fields of a config as transformers serialises it."""
+    return frozenset(LlavaUHDConfig().to_dict())
 
 
 def resolve_text_config(text: TextConfig) -> PretrainedConfig:

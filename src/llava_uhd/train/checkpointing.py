@@ -13,15 +13,19 @@ Layout of ``<output_dir>/checkpoints/step-000120/``::
 Every rank writes into ``.tmp-step-000120``; after a barrier rank 0 writes ``trainer_state.json`` last and
 renames the folder, so a run killed at any moment leaves either a complete checkpoint or a temp folder that
 the next save or resume deletes. Only folders named ``step-N`` count, the newest ``keep_last`` are kept.
+
+A checkpoint folder may come from anywhere, so resume reads every ``.pt`` file of it as data only
+(``load_data_file``): a pickle that would run code is refused with a ``CheckpointError``.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,11 @@ STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STEP_DIGITS = 6
+# ``np.random.get_state()`` holds a uint32 key array; these are the globals such an array pickles into
+# (taken from numpy itself: the module names differ between numpy 1 and 2). Allowing exactly these lets
+# an RNG file load with ``weights_only=True`` without admitting any other object.
+_UINT32_ARRAY = np.zeros(1, dtype=np.uint32)
+_NUMPY_RNG_GLOBALS = (_UINT32_ARRAY.__reduce__()[0], np.ndarray, np.dtype, type(_UINT32_ARRAY.dtype))
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,37 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def load_data_file(path: Path, allowed_globals: Sequence[Any] = (), mmap: bool = False) -> Any:
+    """Read a ``torch.save`` file as data only (tensors, containers, numbers, strings, ``allowed_globals``).
+
+    Every file of a checkpoint goes through here: ``weights_only=True`` refuses any other class or function,
+    so a planted pickle cannot run code on resume. ``mmap`` maps the tensors instead of reading them (CPU),
+    for a cheap check of a file that another library then loads itself.
+
+    Raises:
+        CheckpointError: the file is missing, or holds more than data, or cannot be read.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    with torch.serialization.safe_globals(list(allowed_globals)):
+        try:
+            return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu" if mmap else None)
+        except pickle.UnpicklingError:
+            refused = _disallowed_globals(path)
+            raise CheckpointError(f"{path}: refused to load, it holds {refused}, not only data") from None
+        except (RuntimeError, EOFError) as exc:  # not a torch.save file, or truncated
+            raise CheckpointError(f"{path}: cannot be read ({exc})") from None
+
+
+def _disallowed_globals(path: Path) -> str:
+    """The classes and functions a refused file names (a static scan of its pickle; runs nothing)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError):  # a legacy (non-zip) file: torch scans only the zip format
+        names = []
+    return ", ".join(sorted(names)) if names else "objects other than tensors and plain data"
 
 
 def capture_rng() -> dict[str, Any]:
@@ -195,7 +235,7 @@ class CheckpointIO:
         rng_file = path / "rng" / f"rank{self.rank}.pt"
         if not rng_file.is_file():
             raise CheckpointError(f"{path}: no RNG state for rank {self.rank}")
-        return torch.load(rng_file, weights_only=False)
+        return load_data_file(rng_file, _NUMPY_RNG_GLOBALS)
 
 
 def check_compatible(state: TrainerState, global_batch_size: int, micro_batch_size: int, path: Path) -> None:

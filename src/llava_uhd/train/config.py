@@ -78,6 +78,9 @@ class DataConfig:
     group_by_length: bool = True
     num_workers: int = 0
     on_bad_sample: BadSamplePolicy = "error"
+    # image paths that are absolute or resolve outside image_folder (symlinks followed) are bad samples
+    # unless this is true
+    allow_outside_image_folder: bool = False
     # with every evaluation, score the model on this many synthdoc validation pages (llava_uhd.eval.synthdoc)
     synthdoc_eval_pages: int = 0
     # which pieces of each image to feed; None: the stage's (stage 1 of the paper feeds the overview alone)

@@ -58,6 +58,7 @@ def build_data(config: TrainConfig, stage: StageSpec, processor: Any, rank: int)
         "overview_only": (data.pieces or stage.pieces) == "overview",
         "on_bad_sample": data.on_bad_sample,
         "seed": config.seed,
+        "allow_outside_image_folder": data.allow_outside_image_folder,
     }
     if data.train is not None:
         train_path, image_folder = Path(data.train), data.image_folder

@@ -35,6 +35,7 @@ from llava_uhd.train.checkpointing import (
     CheckpointIO,
     TrainerState,
     check_compatible,
+    load_data_file,
     restore_rng,
 )
 from llava_uhd.train.config import TrainConfig
@@ -241,7 +242,7 @@ class Trainer:
         )
         if resume_from is not None:
             engine.load_optimizer(resume_from, self.rank)
-            scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
+            scheduler.load_state_dict(load_data_file(resume_from / "scheduler.pt"))
             restore_rng(rng_state)
             logger.info("resumed from %s at step %d", resume_from, state.global_step)
         metrics = MetricsLogger(

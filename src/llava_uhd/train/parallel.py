@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llava_uhd.errors import CheckpointError, ConfigError
+from llava_uhd.train.checkpointing import load_data_file
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -170,7 +171,7 @@ class DDPEngine(Engine):
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load_optimizer(self, folder: Path, rank: int) -> None:
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        self.optimizer.load_state_dict(load_data_file(folder / "optimizer.pt"))
 
 
 def fsdp_wrap_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -266,7 +267,7 @@ class FSDPEngine(Engine):
     def load_optimizer(self, folder: Path, rank: int) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        state = torch.load(folder / "optimizer.pt", weights_only=False)
+        state = load_data_file(folder / "optimizer.pt")
         set_optimizer_state_dict(
             self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True)
         )
@@ -354,9 +355,31 @@ class DeepSpeedEngine(Engine):
         )
 
     def load_optimizer(self, folder: Path, rank: int) -> None:
+        check_deepspeed_checkpoint(folder / "engine")
         path, _ = self.model.load_checkpoint(str(folder / "engine"), tag="state", load_module_strict=False)
         if path is None:
             raise CheckpointError(f"{folder}: DeepSpeed could not load its engine state")
+
+
+def check_deepspeed_checkpoint(folder: Path) -> None:
+    """Refuse a DeepSpeed checkpoint folder unless every ``.pt`` file in it is data only.
+
+    DeepSpeed's ``load_checkpoint`` reads its files with ``torch.load(weights_only=False)``, which runs any
+    code a planted pickle carries. Each file is first loaded here with ``weights_only=True`` (tensors
+    memory-mapped, so the check reads little more than the pickles), allowing only the three DeepSpeed
+    classes its ZeRO checkpoints hold; DeepSpeed's own load then only ever sees files that passed.
+
+    Raises:
+        CheckpointError: the folder is missing, or a file in it holds more than data.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no DeepSpeed engine state")
+    for path in sorted(folder.rglob("*.pt")):
+        load_data_file(path, (LossScaler, ZeroStageEnum, fragment_address), mmap=True)
 
 
 def deepspeed_config(

@@ -54,13 +54,15 @@ def build_processor(config: TrainConfig) -> Any:
 
 def build_model(config: TrainConfig, processor: Any) -> nn.Module:
     """The model from its source; random init is seeded by ``config.seed`` (so a resumed run rebuilds it)."""
+    from llava_uhd.auto import check_model_folder
     from llava_uhd.model import LlavaUHDConfig, LlavaUHDForConditionalGeneration
     from llava_uhd.model.build import build_from_pretrained_parts
 
     source = config.model
     torch.manual_seed(config.seed)
     if source.pretrained is not None:
-        return LlavaUHDForConditionalGeneration.from_pretrained(source.pretrained)
+        checked = check_model_folder(Path(source.pretrained))  # before any weight is allocated
+        return LlavaUHDForConditionalGeneration.from_pretrained(source.pretrained, config=checked)
     preset: Preset = processor.preset
     if source.vision_path is not None:
         assert source.text_path is not None
