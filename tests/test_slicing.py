@@ -236,3 +236,15 @@ def test_apply_plan_pre_resizes_and_checks_size():
     assert len(slices) == plan.num_slices and overview.size == tuple(plan.overview)
     with pytest.raises(ImageSizeError, match="plan was made for 474x474"):
         apply_plan(Image.new("RGB", (10, 10)), plan)
+
+
+@pytest.mark.parametrize("size", [(700000, 1), (1, 700000), (2_000_000, 3)])
+def test_a_plan_that_cannot_keep_the_aspect_is_refused(size):
+    # past about S^2 : 1 the released truncation makes a side 0, which the patch snap would turn into 14
+    with pytest.raises(ImageSizeError, match=r"aspect ratio is too extreme to slice"):
+        plan_slices(*size, SlicingConfig(max_vit_patches=10**9))
+
+
+def test_extreme_but_representable_strips_still_plan_as_released():
+    plan = plan_slices(100000, 1, SlicingConfig())
+    assert plan.grid is None and plan.overview == Size(99988, 14)

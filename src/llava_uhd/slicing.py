@@ -117,12 +117,32 @@ def best_resize(size: tuple[float, float], scale_resolution: int, patch_size: in
     Images already below that area are left alone unless ``upscale``. The truncations are the
     released code's: ``h = int(S / sqrt(r))`` and then ``w = int(h * r)`` from the truncated ``h``.
     """
+    width, height = _area_resize(size, scale_resolution, upscale)
+    return Size(ensure_divide(width, patch_size), ensure_divide(height, patch_size))
+
+
+def _area_resize(size: tuple[float, float], scale_resolution: int, upscale: bool) -> tuple[float, float]:
+    """:func:`best_resize` before the snap to the patch size (a side of 0 here means a degenerate piece)."""
     width, height = size
     if width * height > scale_resolution * scale_resolution or upscale:
         ratio = width / height
         height = int(scale_resolution / math.sqrt(ratio))
         width = int(height * ratio)
-    return Size(ensure_divide(width, patch_size), ensure_divide(height, patch_size))
+    return width, height
+
+
+def _check_aspect(
+    width: int, height: int, size: tuple[float, float], scale_resolution: int, upscale: bool, piece: str
+) -> None:
+    """Refuse a plan whose piece no longer keeps the image's aspect: past about S^2 : 1 the released
+    code's truncation makes a side 0, which ``ensure_divide`` would silently turn into one patch."""
+    w, h = _area_resize(size, scale_resolution, upscale)
+    if w < 1 or h < 1:
+        raise ImageSizeError(
+            f"image size {width}x{height}: its aspect ratio is too extreme to slice (the {piece} would be "
+            f"{int(w)}x{int(h)} pixels before snapping to the patch grid, so the pieces could not keep the "
+            f"image's shape); crop or pad it to an aspect ratio under about {scale_resolution * scale_resolution}:1"
+        )
 
 
 def candidate_grids(num_slices: int, max_slices: int) -> list[Grid]:
@@ -169,7 +189,8 @@ def plan_slices(width: int, height: int, config: SlicingConfig | None = None) ->
     """Plan how an image of ``width`` x ``height`` pixels is cut (docs/design.md section 3).
 
     Raises:
-        ImageSizeError: a side is not a positive integer, or the pre-resize makes one 0 pixels.
+        ImageSizeError: a side is not a positive integer, the pre-resize makes one 0 pixels, or the aspect
+            ratio is so extreme that a piece would truncate to a side of 0 pixels.
         PlanLimitError: the plan needs more ViT patches than ``config.max_vit_patches``.
     """
     cfg = config or SlicingConfig()
@@ -187,13 +208,17 @@ def plan_slices(width: int, height: int, config: SlicingConfig | None = None) ->
     S, P, M = cfg.scale_resolution, cfg.patch_size, cfg.max_slices
     num_slices = min(math.ceil(w * h / (S * S)), M)
     if num_slices <= 1:
+        _check_aspect(width, height, (w, h), S, cfg.upscale_small, "overview")
         overview = best_resize((w, h), S, P, upscale=cfg.upscale_small)
         plan = SlicePlan(width, height, P, overview=overview, pre_resized=pre_resized)
     else:
         grid = choose_grid(w, h, candidate_grids(num_slices, M))
         refine_w = ensure_divide(w, grid.cols)
         refine_h = ensure_divide(h, grid.rows)
-        slice_size = best_resize((refine_w / grid.cols, refine_h / grid.rows), S, P, upscale=True)
+        slice_shape = (refine_w / grid.cols, refine_h / grid.rows)
+        _check_aspect(width, height, slice_shape, S, True, "slices")
+        _check_aspect(width, height, (w, h), S, False, "overview")
+        slice_size = best_resize(slice_shape, S, P, upscale=True)
         overview = best_resize((w, h), S, P, upscale=False)
         plan = SlicePlan(width, height, P, overview, grid, slice_size, pre_resized)
 
