@@ -32,10 +32,18 @@ def test_the_bundled_model_is_the_default_and_small():
 
 def test_it_answers_at_the_accuracy_it_shipped_with(shipped):
     model, processor, record = shipped
-    report = evaluate_synthdoc(model, processor, record["documents"], seed=record["seed"], split=record["split"])
+    report = evaluate_synthdoc(
+        model, processor, record["documents"], seed=record["seed"], split=record["split"]
+    )
     assert report["questions"] >= 300  # enough that chance (1 in 64 codes, 1 in 5 colours) cannot pass
     assert set(report["by_bucket"]["code"]) == {"448-699", "700-899", "900-1099", "1100-1344"}
     for kind, rate in record["by_kind"].items():
-        assert report["by_kind"][kind]["accuracy"] >= rate["accuracy"] - SLACK, (kind, report["by_kind"][kind])
+        assert report["by_kind"][kind]["accuracy"] >= rate["accuracy"] - SLACK, (
+            kind,
+            report["by_kind"][kind],
+        )
     for name, rate in record["targets"].items():
-        assert report["targets"][name]["accuracy"] >= rate["accuracy"] - SLACK, (name, report["targets"][name])
+        assert report["targets"][name]["accuracy"] >= rate["accuracy"] - SLACK, (
+            name,
+            report["targets"][name],
+        )

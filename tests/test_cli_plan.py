@@ -103,3 +103,30 @@ def test_image_files_are_checked_not_just_their_headers(capsys, tmp_path):
     assert "over the limit max_pixels=1000000" in records[2]["error"]
     code, records, _ = run_plan(capsys, str(bomb))
     assert code == 0 and records[0]["grid"] == {"rows": 2, "cols": 3}
+
+
+def test_every_item_is_reported_in_place_even_when_it_looks_like_an_option(capsys):
+    code, records, _ = run_plan(capsys, "--json", "10x10", "abc", "-5x5", "10x", "7x7")
+    assert code == 1
+    assert [r.get("width") for r in records] == [10, None, -5, None, 7]
+    assert "abc: neither a size WxH (e.g. 1920x1080) nor an existing file" in records[1]["error"]
+    assert "-5x5" in records[2]["error"] and "0 pixels or less" in records[2]["error"]
+    assert "a size needs both sides" in records[3]["error"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "limit"),
+    [
+        (("99999999999x2",), "max_image_pixels=178956970"),
+        (("--max-image-pixels", "100", "1920x1080"), "=100"),
+    ],
+)
+def test_sizes_meet_the_pixel_limit_of_files(capsys, argv, limit):
+    code, records, _ = run_plan(capsys, "--json", *argv)
+    assert code == 1 and "over the limit" in records[0]["error"] and limit in records[0]["error"]
+
+
+def test_an_aspect_too_extreme_to_keep_is_refused(capsys):
+    code, records, _ = run_plan(capsys, "--json", "700000x1", "4000x100")
+    assert code == 1 and "too extreme to slice" in records[0]["error"]
+    assert records[1]["grid"] == {"rows": 1, "cols": 5}

@@ -97,7 +97,7 @@ def _curated_sizes() -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("max_slices", [6, 7, 9])
 def test_matches_reference_on_hundreds_of_sizes(max_slices):
-    config = SlicingConfig(max_slices=max_slices, max_vit_patches=10**12)
+    config = SlicingConfig(max_slices=max_slices, max_vit_patches=10**12, max_image_pixels=10**15)
     mismatches = []
     for w, h in _curated_sizes():
         ours = _as_tuple(plan_slices(w, h, config))
@@ -110,7 +110,7 @@ def test_matches_reference_on_hundreds_of_sizes(max_slices):
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 30000), st.integers(1, 30000), st.sampled_from([PAPER.slicing, OFFICIAL_V1.slicing]))
 def test_properties_over_random_sizes(w, h, slicing):
-    config = SlicingConfig(max_slices=slicing.max_slices, max_vit_patches=10**12)
+    config = SlicingConfig(max_slices=slicing.max_slices, max_vit_patches=10**12, max_image_pixels=10**15)
     plan = plan_slices(w, h, config)
     P = config.patch_size
     assert _as_tuple(plan) == reference_plan(w, h, M=config.max_slices)

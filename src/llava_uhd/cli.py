@@ -40,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(chosen)
+    if chosen is not None:  # a command may reorder its own arguments first (plan: items like -5x5)
+        prepare = getattr(importlib.import_module(f"llava_uhd.commands.{chosen}"), "prepare_argv", None)
+        if prepare is not None:
+            argv = [chosen, *prepare(argv[1:])]
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -189,12 +189,18 @@ def plan_slices(width: int, height: int, config: SlicingConfig | None = None) ->
     """Plan how an image of ``width`` x ``height`` pixels is cut (docs/design.md section 3).
 
     Raises:
-        ImageSizeError: a side is not a positive integer, the pre-resize makes one 0 pixels, or the aspect
+        ImageSizeError: a side is not a positive integer, the size is over ``max_image_pixels``, the pre-resize makes one 0 pixels, or the aspect
             ratio is so extreme that a piece would truncate to a side of 0 pixels.
         PlanLimitError: the plan needs more ViT patches than ``config.max_vit_patches``.
     """
     cfg = config or SlicingConfig()
     _check_size(width, height)
+    if width * height > cfg.max_image_pixels:  # the limit image files meet, for sizes given as numbers too
+        raise ImageSizeError(
+            f"image size {width}x{height} = {width * height} pixels is over the limit "
+            f"max_image_pixels={cfg.max_image_pixels}; raise it with --max-image-pixels N or "
+            f"SlicingConfig(max_image_pixels=N) if the image is genuine"
+        )
     w, h = width, height
     pre_resized = None
     if cfg.pre_resize_long_side is not None:

@@ -21,6 +21,13 @@ from llava_uhd.slicing import SlicePlan, plan_slices
 HELP = "show how images are sliced (grid, slice and overview sizes, token counts)"
 
 _SIZE = re.compile(r"^\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*$")
+_SIZE_LIKE = re.compile(r"^\s*-?\d*\s*[xX]\s*-?\d*\s*$")  # "10x", "x5": meant as a size, not a file
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """Items like ``-5x5`` look like options to argparse; a leading space keeps each an item, in place,
+    so that it is reported on its own line like any other bad size."""
+    return [f" {a}" if a.startswith("-") and _SIZE.match(a) else a for a in argv]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +43,14 @@ def item_size(item: str, preset: Preset) -> tuple[int, int]:
     match = _SIZE.match(item)
     if match:
         return int(match.group(1)), int(match.group(2))
+    from pathlib import Path
+
+    from llava_uhd.errors import ImageLoadError
     from llava_uhd.images import check_image_file  # Pillow only, no torch
+
+    if not Path(item).exists():
+        kind = "a size needs both sides, as WxH" if _SIZE_LIKE.match(item) else "give a size as WxH"
+        raise ImageLoadError(f"{item}: neither a size WxH (e.g. 1920x1080) nor an existing file ({kind})")
 
     return check_image_file(item, max_pixels=preset.slicing.max_image_pixels)
 
@@ -94,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise LlavaUHDError(f"--text-tokens must be >= 0, got {args.text_tokens}")
     failed = False
     out = sys.stdout
-    for item in args.items:
+    for item in (i.strip() for i in args.items):
         width: int | None = None
         height: int | None = None
         try:
