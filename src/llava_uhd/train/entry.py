@@ -75,11 +75,14 @@ def build_data(config: TrainConfig, stage: StageSpec, processor: Any, rank: int)
             config, stage, rank, "eval", data.synthetic_eval_samples, config.seed + 1
         )
         eval_set = LlavaDataset(eval_path, eval_images, **common)
+    # skip: every record is checked once up front, the bad ones reported (by rank 0) and never drawn
+    usable = train.usable_indices(report=rank == 0) if data.on_bad_sample == "skip" else None
     return TrainData(
         dataset=train,
         eval_metrics=_synthdoc_metrics(processor, data.synthdoc_eval_pages, config.seed),
         collate=LlavaCollator.for_tokenizer(processor.tokenizer),
         lengths=train.lengths() if data.group_by_length else None,
+        usable=usable,
         eval_dataset=eval_set,
         skipped=lambda: len(read_skip_log(skip_log)),
     )
