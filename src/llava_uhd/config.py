@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from llava_uhd.errors import ConfigError
-from llava_uhd.serialize import dump_yaml, from_plain, load_yaml_mapping, to_plain
+from llava_uhd.serialize import dump_yaml, from_plain, load_yaml_file, load_yaml_mapping, to_plain
 
 # Pillow refuses to open images above twice its MAX_IMAGE_PIXELS (decompression bombs); we use the same bound.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -245,10 +245,13 @@ class Preset:
 
     @classmethod
     def load(cls, path: str | Path) -> Preset:
+        """Read a preset YAML file; every error names the file."""
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: no such preset file")
-        return cls.from_yaml(p.read_text())
+        data = load_yaml_file(p, "preset")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> Preset:
         """Return a copy with some fields of some sections replaced, e.g. ``slicing={"max_slices": 4}``."""
