@@ -88,7 +88,12 @@ class SlicingConfig:
         )
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            _check(len(value) == 3, f"{name} must have 3 channels, got {value!r}")
+            _check(
+                isinstance(value, tuple | list)
+                and len(value) == 3
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value),
+                f"{name} must have 3 channels, numbers each, got {value!r}",
+            )
             object.__setattr__(self, name, tuple(float(v) for v in value))
         _check(all(s > 0 for s in self.image_std), f"image_std must be positive, got {self.image_std!r}")
 

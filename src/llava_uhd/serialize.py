@@ -43,7 +43,7 @@ def from_plain(cls: type[T], data: Any, where: str) -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # key: a YAML key may be null or a number
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
     hints = get_type_hints(cls)
@@ -56,7 +56,9 @@ def from_plain(cls: type[T], data: Any, where: str) -> T:
             kwargs[key] = _coerce(value, hint, f"{where}.{key}")
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a missing required field
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as exc:  # a missing field; a value a check trips on
         raise ConfigError(f"{where}: {exc}") from None
 
 
