@@ -126,12 +126,15 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
     rank, _, _ = parallel.init_distributed()
     output = Path(config.output_dir)
     if rank == 0:
+        if output.exists() and not output.is_dir():
+            raise ConfigError(f"output_dir {str(output)!r} exists and is not a folder")
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(config.to_yaml())
     parallel.barrier()
     if stage.task == "dense_vision":
         return _run_dense(config, stage, resume, output, rank)
     processor = build_processor(config)
+    data = build_data(config, stage, processor, rank)  # bad data stops the run before a model is built
     model = build_model(config, processor)
     trainable = prepare_model(model, config, stage)
     cache = None
@@ -146,7 +149,6 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
         len(trainable),
         sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
-    data = build_data(config, stage, processor, rank)
     trainer = Trainer(config, model, data)
     result = trainer.fit(resume_from=resolve_resume(config, resume))
     if cache is not None:

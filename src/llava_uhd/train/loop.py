@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from llava_uhd.errors import CheckpointError, ConfigError
+from llava_uhd.model.weights import read_state_dict
 from llava_uhd.templates import IGNORE_INDEX
 from llava_uhd.train import parallel
 from llava_uhd.train.batches import BatchGeometry, StepLoader, epoch_order, rank_steps
@@ -217,7 +218,7 @@ class Trainer:
 
     def load_trainable(self, folder: Path) -> None:
         """Load a checkpoint's trainable weights into the (unwrapped) model."""
-        weights = load_file(str(folder / MODEL_FILE))
+        weights = read_state_dict(folder / MODEL_FILE)  # a damaged file is a CheckpointError
         missing = sorted(set(self.trainable_names) - set(weights))
         if missing:
             raise CheckpointError(
