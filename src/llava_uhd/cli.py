@@ -39,7 +39,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub_parser)
-        sub_parser.set_defaults(_run=module.run)
+        sub_parser.set_defaults(_run=module.run, _parser=sub_parser)
     return parser
 
 
@@ -51,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare = getattr(importlib.import_module(f"llava_uhd.commands.{chosen}"), "prepare_argv", None)
         if prepare is not None:
             argv = [chosen, *prepare(argv[1:])]
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's parser, so that the line names the command
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning(args.command)
         try:
