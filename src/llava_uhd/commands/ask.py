@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     # every input is checked before the (slow) model load
     options = GenerationOptions(**decoding_options(args))
     images = [str(path) for path in args.image]
-    check_question_inputs(args.question, images)
+    _check_inputs(args.question, images)
     folder = model_dir(args.model)
     device = _device(args.device)
     model, processor = load_pretrained(folder, device=device, dtype=_dtype(args.dtype, device))
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_question_inputs(question: str, images: list[str]) -> None:
+def _check_inputs(question: str, images: list[str]) -> None:
     """The question's ``<image>`` count and each image file's header (exists, is an image): what can be
     checked without the model. The model's pixel limit applies when the image is read for it."""
     from llava_uhd.images import probe_image_size
