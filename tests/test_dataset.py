@@ -17,6 +17,7 @@ from llava_uhd.layout import visual_token_count
 from llava_uhd.processing import LlavaUHDProcessor
 from llava_uhd.slicing import apply_plan, plan_slices
 from llava_uhd.templates import IGNORE_INDEX
+from llava_uhd.tokens import pad_token_id
 
 Q = TINY.resampler.num_queries
 
@@ -210,28 +211,83 @@ def test_bad_record_error_names_id_and_reason(processor, folder, record, reason)
     assert str(info.value).startswith(f"sample {record['id']!r}: ")
 
 
-def test_bad_record_skip_logs_and_resamples(processor, folder, tmp_path):
+def _is_empty(sample, processor) -> bool:
+    """What a bad record reads as under skip: one pad token without a label, no image."""
+    return (
+        sample["input_ids"].tolist() == [pad_token_id(processor.tokenizer)]
+        and sample["labels"].tolist() == [IGNORE_INDEX]
+        and sample["pixel_values"].shape[0] == 0
+        and sample["piece_grids"].shape == (0, 2)
+    )
+
+
+def test_bad_record_skip_reports_each_once_and_stands_in_for_none(processor, folder, tmp_path):
     good = {"id": "good", "image": "small.png", "conversations": conv("<image>\nOk?")}
     records = [r for r, _ in BAD_RECORDS[:2]] + [good] + [r for r, _ in BAD_RECORDS[2:]]
     log = tmp_path / "logs" / "skipped.jsonl"
     ds = LlavaDataset(records, folder, processor, on_bad_sample="skip", skip_log=log)
-    assert ds[0]["id"] == "good"  # 0 and 1 are bad: the next good record, deterministically
-    assert ds[3]["id"] == "good"  # 3 and 4 are bad: wraps around to index 0.. then 2
+    assert ds.usable_indices() == [2]  # checked up front: the bad ones are never drawn
+    for _ in range(2):  # read again (a later epoch): nothing new is reported
+        for index in range(len(ds)):
+            sample = ds[index]
+            assert sample["id"] == records[index]["id"]  # a bad record stands in for no other record
+            assert _is_empty(sample, processor) is (index != 2)
+    assert ds.usable_indices() == [2]
     entries = read_skip_log(log)
     assert [(e["id"], e["index"]) for e in entries] == [
         ("missing", 0),
         ("corrupt", 1),
         ("turns", 3),
         ("count", 4),
-        ("missing", 0),
-        ("corrupt", 1),
     ]
-    for entry, (_, reason) in zip(entries, BAD_RECORDS[:2] + BAD_RECORDS[2:] + BAD_RECORDS[:2], strict=True):
+    for entry, (_, reason) in zip(entries, BAD_RECORDS, strict=True):
         assert reason in entry["reason"]
-    assert ds.skipped == 6
+    assert ds.skipped == 4
+    # another process (a DataLoader worker, a resumed run) finds them in the file and adds nothing
+    again = LlavaDataset(records, folder, processor, on_bad_sample="skip", skip_log=log)
+    assert again.usable_indices() == [2] and [again[i]["id"] for i in (0, 1)] == ["missing", "corrupt"]
+    assert len(read_skip_log(log)) == 4 and again.skipped == 0
     all_bad = LlavaDataset(records[:2], folder, processor, on_bad_sample="skip")
-    with pytest.raises(BadSampleError, match="every record in the dataset is bad"):
-        all_bad[0]
+    assert all_bad.usable_indices() == [] and all_bad.skipped == 2
+
+
+def test_pixels_corrupt_past_a_good_header_are_found_when_read(processor, folder, tmp_path):
+    """A truncated PNG passes the header check; reading it reports it once and gives an empty sample."""
+    data = (folder / "wide.png").read_bytes()
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "cut.png").write_bytes(data[: len(data) // 2])
+    (images / "small.png").write_bytes((folder / "small.png").read_bytes())
+    records = [
+        {"id": "cut", "image": "cut.png", "conversations": conv("<image>")},
+        {"id": "ok", "image": "small.png", "conversations": conv("<image>")},
+    ]
+    log = tmp_path / "skipped.jsonl"
+    ds = LlavaDataset(records, images, processor, on_bad_sample="skip", skip_log=log)
+    assert ds.usable_indices() == [0, 1] and read_skip_log(log) == []
+    assert _is_empty(ds[0], processor) and _is_empty(ds[0], processor)
+    assert not _is_empty(ds[1], processor)
+    entries = read_skip_log(log)
+    assert [(e["id"], e["index"]) for e in entries] == [("cut", 0)]
+    assert "image 'cut.png' cannot be loaded" in entries[0]["reason"] and "truncated" in entries[0]["reason"]
+
+
+def test_a_malformed_jsonl_line_is_a_bad_record_under_skip(processor, folder, tmp_path):
+    good = json.dumps({"id": "good", "image": "small.png", "conversations": conv("<image>\nOk?")})
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(f"{good}\n\n{{oops\n{good}\n".encode() + b"\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"data.jsonl:3: not valid JSON"):
+        LlavaDataset(path, folder, processor)  # error: the run stops at the line
+    log = tmp_path / "skipped.jsonl"
+    ds = LlavaDataset(path, folder, processor, on_bad_sample="skip", skip_log=log)
+    assert len(ds) == 4 and ds.usable_indices() == [0, 2]
+    assert _is_empty(ds[1], processor) and _is_empty(ds[3], processor)
+    entries = read_skip_log(log)
+    assert [(e["id"], e["index"]) for e in entries] == [("#1", 1), ("#3", 3)]
+    assert (
+        entries[0]["reason"] == f"{path}:3: not valid JSON: Expecting property name enclosed in double quotes"
+    )
+    assert entries[1]["reason"].startswith(f"{path}:5: not UTF-8 text")
 
 
 @pytest.fixture
@@ -271,7 +327,7 @@ def test_image_paths_outside_the_image_folder_are_bad_samples(processor, escapes
     log = tmp_path / "skipped.jsonl"
     ds = LlavaDataset([*outside, inside[0]], images, processor, on_bad_sample="skip", skip_log=log)
     assert ds.lengths()[:3] == [0, 0, 0]  # never probed
-    assert ds[0]["id"] == "plain"
+    assert ds.usable_indices() == [3] and ds[3]["id"] == "plain"
     entries = read_skip_log(log)
     assert [e["id"] for e in entries] == ["dotdot", "absolute", "symlink"]
     assert all("outside the image folder" in e["reason"] for e in entries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from llava_uhd.errors import ImageLoadError
-from llava_uhd.images import load_image, probe_image_size
+from llava_uhd.images import MultiFrameImageWarning, load_image, probe_image_size
 
 EXIF_ORIENTATION = 0x0112
 
@@ -134,7 +135,8 @@ def test_animated_gif_takes_first_frame() -> None:
     frames = [Image.new("RGB", (4, 4), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=10)
     assert Image.open(io.BytesIO(data)).n_frames == 2
-    assert np.asarray(load_image(data))[0, 0].tolist() == [255, 0, 0]
+    with pytest.warns(MultiFrameImageWarning, match="a GIF image of 2 frames; only the first frame is used"):
+        assert np.asarray(load_image(data))[0, 0].tolist() == [255, 0, 0]
 
 
 # --- EXIF orientation --------------------------------------------------------------------------------
@@ -269,3 +271,29 @@ def test_our_pixel_limit_rules_over_pillows() -> None:
         load_image(bomb)
     assert probe_image_size(bomb, max_pixels=10**9) == (20000, 20000)
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard is restored after the header read
+
+
+# --- several frames --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "suffix"), [("GIF", "gif"), ("PNG", "png"), ("WEBP", "webp"), ("TIFF", "tif")]
+)
+def test_an_animation_or_multi_page_file_is_read_as_its_first_frame_with_one_warning(
+    tmp_path: Path, fmt: str, suffix: str
+) -> None:
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    path = tmp_path / f"frames.{suffix}"
+    frames[0].save(path, fmt, save_all=True, append_images=frames[1:], lossless=True)
+    single = tmp_path / f"single.{suffix}"
+    frames[0].save(single, fmt, lossless=True)
+    with pytest.warns(MultiFrameImageWarning) as caught:
+        first = load_image(path)
+        load_image(path)  # the same file again: said once
+    assert [str(w.message) for w in caught] == [
+        f"{path}: a {fmt} image of 3 frames; only the first frame is used"
+    ]
+    assert first.getpixel((0, 0)) == (250, 0, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(single).getpixel((0, 0)) == (250, 0, 0)

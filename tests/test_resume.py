@@ -231,6 +231,29 @@ def test_rng_states_round_trip_through_the_checkpoint_file(tmp_path: Path) -> No
     assert torch.equal(torch.rand(3), expected[2])
 
 
+@pytest.mark.parametrize(
+    ("planted", "problem"),
+    [
+        ({"python": 1, "numpy": "x"}, r"want python, numpy and torch states, got \['numpy', 'python'\]"),
+        ([1, 2, 3], r"want python, numpy and torch states, got list"),
+        (
+            {"python": (3, (1, 2), None), "numpy": ("MT19937",), "torch": torch.zeros(3)},
+            r"ValueError|TypeError",
+        ),
+        ({**capture_rng(), "torch": torch.zeros(7, dtype=torch.uint8)}, r"RuntimeError: .*size"),
+        ({**capture_rng(), "cuda": [torch.zeros(2)]}, r"cuda must be a list of byte tensors"),
+    ],
+)
+def test_a_malformed_rng_file_is_a_checkpoint_error_naming_it(tmp_path: Path, planted, problem) -> None:
+    io = _io(tmp_path)
+    path = _save(io, 1)
+    before = (random.getstate(), torch.get_rng_state())
+    torch.save(planted, path / "rng" / "rank0.pt")
+    with pytest.raises(CheckpointError, match=rf"rng/rank0.pt: not an RNG state \(.*{problem}"):
+        io.load_rng(path)
+    assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[1])
+
+
 class _Planted:
     """A pickle that creates ``marker`` when unpickled with ``weights_only=False``."""
 

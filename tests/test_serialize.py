@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -75,6 +76,34 @@ def test_yaml_text_must_be_a_mapping() -> None:
         load_yaml_mapping("- 1\n", "a thing")
     with pytest.raises(ConfigError, match="^a thing is not valid YAML: "):
         load_yaml_mapping("a: [1,\n", "a thing")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"name: [unclosed\n  x: {", r"a preset is not valid YAML: while parsing a flow sequence: expected "),
+        (b"a: 1\n b: 2\n", r"a preset is not valid YAML: mapping values are not allowed here at line 2, col"),
+        (b"a: \x00\n", r"a preset is not valid YAML: unacceptable character #x0000"),
+        (b"\xff\xfe name: x", r"not UTF-8 text \(invalid start byte at byte 0\)"),
+        (b"- 1\n", r"a preset must be a mapping, got list"),
+    ],
+)
+def test_a_bad_yaml_file_is_one_line_naming_the_file(tmp_path, content: bytes, message: str) -> None:
+    path = tmp_path / "preset.yaml"
+    path.write_bytes(content)
+    for load in (Preset.load, TrainConfig.load):
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=message):
+        Preset.load(path)
+
+
+def test_a_bad_value_in_a_preset_file_names_the_file(tmp_path) -> None:
+    path = tmp_path / "preset.yaml"
+    path.write_text("name: x\nslicing: {max_slices: 0}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: max_slices must be >= 1, got 0$"):
+        Preset.load(path)
 
 
 def test_presets_and_train_configs_read_numbers_the_same_way() -> None:

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from llava_uhd.errors import CheckpointError, ConfigError
 from llava_uhd.model.configuration import LlavaUHDConfig, check_saved_config
 from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
 from llava_uhd.processing import PRESET_FILE, LlavaUHDProcessor
+from llava_uhd.tokenizers import load_tokenizer_folder
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -84,20 +86,22 @@ def load_pretrained(
     Raises:
         CheckpointError: the folder does not exist, holds no LLaVA-UHD model, or its config and weights
             do not agree.
-        ConfigError: the processor does not write the placeholders and pieces the model expects.
+        TokenizerError: the folder's tokenizer files are missing or damaged.
+        ConfigError: the processor files are damaged, or the processor does not write the placeholders
+            and pieces the model expects.
     """
     folder = Path(folder)
     config = check_model_folder(folder)
+    # the processor first: a missing tokenizer file is reported before the weights are read
+    if (folder / PRESET_FILE).is_file():
+        processor = LlavaUHDProcessor.from_pretrained(folder, **processor_options)
+    else:
+        processor = LlavaUHDProcessor(load_tokenizer_folder(folder), config.to_preset(), **processor_options)
     model = AutoModelForImageTextToText.from_pretrained(str(folder), config=config, dtype=dtype)
     if not isinstance(model, LlavaUHDForConditionalGeneration):
         raise CheckpointError(f"{folder}: holds a {type(model).__name__}, not a LLaVA-UHD model")
     if device is not None:
         model = model.to(device)
-    if (folder / PRESET_FILE).is_file():
-        processor = LlavaUHDProcessor.from_pretrained(folder, **processor_options)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        processor = LlavaUHDProcessor(tokenizer, model.config.to_preset(), **processor_options)
     check_compatible(model, processor)
     return model.eval(), processor
 
@@ -126,18 +130,36 @@ def check_model_folder(folder: Path) -> LlavaUHDConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"holds a {type(data).__name__}, not a mapping")
         check_saved_config(data)
+        _check_dtypes(data)
         config = LlavaUHDConfig.from_pretrained(str(folder))
-    except (ValueError, TypeError) as exc:  # ConfigError (a ValueError), or a value transformers refuses
-        raise CheckpointError(f"{folder}: config.json {exc}") from None
+    # ConfigError, or a value transformers refuses (a field of the wrong type, an unknown dtype name)
+    except (ValueError, TypeError, AttributeError, StrictDataclassError) as exc:
+        raise CheckpointError(f"{folder}: config.json {' '.join(str(exc).split())}") from None
     try:
         with torch.device("meta"):  # shapes only: nothing is allocated, whatever sizes the config claims
             model = LlavaUHDForConditionalGeneration(config)
-    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. a size that is not a positive integer
-        raise CheckpointError(f"{folder}: config.json describes no model that can be built ({exc})") from None
+    # a size that is no positive integer, an activation or RoPE type no one knows, a pad id outside the
+    # vocabulary (torch's Embedding asserts it)
+    except (ValueError, TypeError, KeyError, ArithmeticError, AssertionError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{folder}: config.json describes no model that can be built ({type(exc).__name__}: {exc})"
+        ) from None
     problem = _weights_mismatch(_weight_shapes(folder), model)
     if problem:
         raise CheckpointError(f"{folder}: the weights do not fit config.json: {problem}")
     return config
+
+
+def _check_dtypes(data: dict[str, Any]) -> None:
+    """The dtypes config.json names (its own and its language model's) must be torch float dtypes:
+    transformers would otherwise fail on them deep inside loading."""
+    text = data.get("text_config")
+    for where, section in (("", data), ("text_config.", text if isinstance(text, dict) else {})):
+        for key in ("dtype", "torch_dtype"):
+            value = section.get(key)
+            dtype = getattr(torch, value, None) if isinstance(value, str) else None
+            if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise ConfigError(f"{where}{key} {value!r} is not a torch floating-point dtype")
 
 
 def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:

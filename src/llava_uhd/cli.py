@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TextIO
 
 from llava_uhd.errors import LlavaUHDError
 
@@ -17,11 +19,16 @@ from llava_uhd.errors import LlavaUHDError
 COMMANDS: tuple[str, ...] = ("plan", "slice", "demo", "train", "convert", "ask", "batch", "synthdoc")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line, as every other error of the command (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only``, just that subcommand is loaded."""
-    parser = argparse.ArgumentParser(
-        prog="llava-uhd", description="LLaVA-UHD: any-aspect-ratio, high-resolution LMM"
-    )
+    parser = _Parser(prog="llava-uhd", description="LLaVA-UHD: any-aspect-ratio, high-resolution LMM")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS if only is None else (only,):
         module = importlib.import_module(f"llava_uhd.commands.{name}")
@@ -32,7 +39,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub_parser)
-        sub_parser.set_defaults(_run=module.run)
+        sub_parser.set_defaults(_run=module.run, _parser=sub_parser)
     return parser
 
 
@@ -44,15 +51,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare = getattr(importlib.import_module(f"llava_uhd.commands.{chosen}"), "prepare_argv", None)
         if prepare is not None:
             argv = [chosen, *prepare(argv[1:])]
-    args = parser.parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except LlavaUHDError as exc:
-        print(f"llava-uhd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"llava-uhd {args.command}: interrupted", file=sys.stderr)
-        return 130
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's parser, so that the line names the command
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning(args.command)
+        try:
+            return int(args._run(args) or 0)
+        except LlavaUHDError as exc:
+            print(f"llava-uhd {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"llava-uhd {args.command}: interrupted", file=sys.stderr)
+            return 130
+
+
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` that prints one stderr line, like the errors (e.g. an animated image read
+    as its first frame)."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        print(f"llava-uhd {command}: warning: {message}", file=sys.stderr if file is None else file)
+
+    return show
 
 
 if __name__ == "__main__":

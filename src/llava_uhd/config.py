@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from llava_uhd.errors import ConfigError
-from llava_uhd.serialize import dump_yaml, from_plain, load_yaml_mapping, to_plain
+from llava_uhd.serialize import dump_yaml, from_plain, load_yaml_file, load_yaml_mapping, to_plain
 
 # Pillow refuses to open images above twice its MAX_IMAGE_PIXELS (decompression bombs); we use the same bound.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -88,7 +88,12 @@ class SlicingConfig:
         )
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            _check(len(value) == 3, f"{name} must have 3 channels, got {value!r}")
+            _check(
+                isinstance(value, tuple | list)
+                and len(value) == 3
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value),
+                f"{name} must have 3 channels, numbers each, got {value!r}",
+            )
             object.__setattr__(self, name, tuple(float(v) for v in value))
         _check(all(s > 0 for s in self.image_std), f"image_std must be positive, got {self.image_std!r}")
 
@@ -245,10 +250,13 @@ class Preset:
 
     @classmethod
     def load(cls, path: str | Path) -> Preset:
+        """Read a preset YAML file; every error names the file."""
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: no such preset file")
-        return cls.from_yaml(p.read_text())
+        data = load_yaml_file(p, "preset")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> Preset:
         """Return a copy with some fields of some sections replaced, e.g. ``slicing={"max_slices": 4}``."""

@@ -35,6 +35,10 @@ class PlaceholderMismatchError(ModelInputError):
     """The number of image placeholders in the text disagrees with the visual features."""
 
 
+class TokenizerError(LlavaUHDError, ValueError):
+    """A tokenizer folder cannot be loaded: missing, unreadable or damaged files, or no vocabulary."""
+
+
 class BadSampleError(LlavaUHDError, ValueError):
     """A training record cannot be used (missing or corrupt image, malformed turns, image-count mismatch,
     visual block longer than ``max_length``). Carries the record's ``sample_id`` and the ``reason``."""

@@ -6,7 +6,8 @@ cause (missing file, a directory, empty or truncated data, not an image, too man
 raises :class:`~llava_uhd.errors.ImageLoadError` naming the input and the reason; nothing else escapes.
 
 Decompression bombs are refused from the header, before any pixel is decoded, and truncated files fail
-here (pixels are decoded eagerly with ``load()``), not later inside a resize.
+here (pixels are decoded eagerly with ``load()``), not later inside a resize. An animation (GIF, APNG,
+WebP) or a multi-page TIFF is read as its first frame, with a :class:`MultiFrameImageWarning` saying so.
 
 :func:`load_planned` is how the processor reads the images of one request: plan from the header, then
 decode JPEGs only at the DCT scale the plan needs (several times faster for large photos), planning
@@ -71,6 +72,13 @@ _SIXTEEN_BIT_FORMATS = frozenset({"PNG", "PPM"})
 _UINT8_MAX = 255
 _UINT16_MAX = 65535
 _WHITE = (255, 255, 255)
+# Formats whose further frames are other pictures (animation frames, pages). Not MPO: its extra images
+# are previews of the first (CIPA DC-007), so a phone photo would warn for nothing.
+_MULTI_FRAME_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
+
+
+class MultiFrameImageWarning(UserWarning):
+    """An image holds several frames (an animation or pages) and only the first one is used."""
 
 
 def describe_source(source: object) -> str:
@@ -122,6 +130,9 @@ def _check_pixels(source: object, width: int, height: int, max_pixels: int) -> N
 
 
 _PILLOW_LIMIT_LOCK = threading.Lock()
+# The files already reported as read by their first frame only.
+_MULTI_FRAME_REPORTED: set[str] = set()
+_MULTI_FRAME_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -339,6 +350,7 @@ def _decoded(
     """Decode, turn upright and convert to RGB; every decoding error becomes an ImageLoadError."""
     _check_pixels(source, image.size[0], image.size[1], max_pixels)
     try:
+        _warn_if_multi_frame(source, image)
         if draft_size is not None and image.format == "JPEG":
             _draft(image, draft_size)
         image.load()  # decode now: a truncated file must fail here, not inside a later resize
@@ -349,6 +361,32 @@ def _decoded(
     except _PIL_ERRORS as exc:
         reason = "truncated or corrupt image data" if "truncated" in str(exc) else "cannot be decoded"
         raise _fail(source, f"{reason} ({type(exc).__name__}: {exc})") from None
+
+
+def _warn_if_multi_frame(source: object, image: Image.Image) -> None:
+    """Say that only the first frame of an animation or a multi-page file is used: once per file and
+    process (the warnings module's own once-only memory is reset whenever a filter changes, as here)."""
+    if not isinstance(source, _ENCODED_SOURCES):  # a PIL image: its caller chose the frame
+        return
+    if image.format not in _MULTI_FRAME_FORMATS:
+        return
+    try:  # frame headers only (GIF: its blocks are skipped, not decoded)
+        frames = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
+    except _PIL_ERRORS:  # a damaged later frame: the first one may still decode
+        return
+    if frames < 2:
+        return
+    name = describe_source(source)
+    if isinstance(source, str | os.PathLike):
+        with _MULTI_FRAME_LOCK:
+            if name in _MULTI_FRAME_REPORTED:
+                return
+            _MULTI_FRAME_REPORTED.add(name)
+    warnings.warn(
+        f"{name}: a {image.format} image of {frames} frames; only the first frame is used",
+        MultiFrameImageWarning,
+        stacklevel=2,
+    )
 
 
 def _draft(image: Image.Image, size: tuple[int, int]) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AddedToken, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers import AddedToken, BatchFeature, PreTrainedTokenizerBase
 
 from llava_uhd.budget import plan_with_budget
 from llava_uhd.config import Preset, SlicingConfig, get_preset
@@ -39,6 +39,7 @@ from llava_uhd.images import ImageSource, load_planned
 from llava_uhd.pixels import RESIZE_MODES, ResizeMode, draft_size, image_patches
 from llava_uhd.slicing import SlicePlan, overview_plan
 from llava_uhd.templates import IMAGE_TOKEN, Template, Turn, get_template
+from llava_uhd.tokenizers import load_tokenizer_folder
 from llava_uhd.tokens import (
     EncodedSample,
     encode_conversation,
@@ -50,6 +51,8 @@ from llava_uhd.tokens import (
 
 PRESET_FILE = "llava_uhd_preset.yaml"
 PROCESSOR_FILE = "llava_uhd_processor.json"
+# The options save_pretrained writes into PROCESSOR_FILE: the keyword arguments of the constructor.
+_SAVED_OPTIONS = frozenset({"image_token", "padding_side", "resize_mode", "max_visual_tokens"})
 _PADDING_SIDES = ("left", "right")
 
 
@@ -414,12 +417,26 @@ class LlavaUHDProcessor:
         folder = Path(directory)
         if not (folder / PRESET_FILE).is_file():
             raise ConfigError(f"{folder}: no {PRESET_FILE}; not a saved LLaVA-UHD processor")
-        options = (
-            json.loads((folder / PROCESSOR_FILE).read_text()) if (folder / PROCESSOR_FILE).is_file() else {}
-        )
+        options = _saved_options(folder / PROCESSOR_FILE)
         options.update(overrides)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return cls(tokenizer, Preset.load(folder / PRESET_FILE), **options)
+        return cls(load_tokenizer_folder(folder), Preset.load(folder / PRESET_FILE), **options)
+
+
+def _saved_options(path: Path) -> dict[str, Any]:
+    """The options :meth:`LlavaUHDProcessor.save_pretrained` wrote (none when the file is absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        options = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise ConfigError(f"{path}: not readable as processor options ({exc})") from None
+    if not isinstance(options, dict) or not set(options) <= _SAVED_OPTIONS:
+        raise ConfigError(
+            f"{path}: processor options must be a JSON object with keys from {sorted(_SAVED_OPTIONS)}"
+        )
+    if not isinstance(options.get("image_token", IMAGE_TOKEN), str):
+        raise ConfigError(f"{path}: image_token must be a string, got {options['image_token']!r}")
+    return options
 
 
 def _check_placeholders(turns: Sequence[Turn], num_images: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar, get_args, get_type_hints
 
 import yaml
@@ -42,7 +43,7 @@ def from_plain(cls: type[T], data: Any, where: str) -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # key: a YAML key may be null or a number
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
     hints = get_type_hints(cls)
@@ -55,7 +56,9 @@ def from_plain(cls: type[T], data: Any, where: str) -> T:
             kwargs[key] = _coerce(value, hint, f"{where}.{key}")
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a missing required field
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as exc:  # a missing field; a value a check trips on
         raise ConfigError(f"{where}: {exc}") from None
 
 
@@ -90,7 +93,35 @@ def load_yaml_mapping(text: str, what: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{what} must be a mapping, got {type(data).__name__}")
     return dict(data)
+
+
+def load_yaml_file(path: Path, what: str) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; every error is one line that starts with the path.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not UTF-8 text, not YAML or not a mapping.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return load_yaml_mapping(text, f"{path}: a {what}")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report (context, problem, a quoted snippet with a caret) in one line."""
+    problem = getattr(error, "problem", None)
+    if problem is None:  # a ReaderError (a character YAML refuses) or a bare YAMLError
+        return " ".join(str(error).split("\n", 1)[0].split())
+    context = getattr(error, "context", None)
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{context + ': ' if context else ''}{problem}{where}"

@@ -1,11 +1,14 @@
-"""Arguments shared by several subcommands: the preset and every slicing knob; decoding options."""
+"""Arguments shared by several subcommands: the preset and every slicing knob; decoding options; checks of
+the paths a command will write, made before any slow work."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from llava_uhd.config import Preset, get_preset
+from llava_uhd.errors import ConfigError
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
@@ -71,3 +74,28 @@ def decoding_options(args: argparse.Namespace) -> dict[str, object]:
         "temperature": args.temperature,
         "top_p": args.top_p,
     }
+
+
+def check_output_folder(path: Path, flag: str = "") -> None:
+    """Refuse a folder to write that cannot become one: an existing file, or a path below a file.
+    ``flag`` names the option in the message (none for a positional argument)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{_named(path, flag)}: exists and is not a folder")
+    _check_parents(path, flag)
+
+
+def check_output_file(path: Path, flag: str = "") -> None:
+    """Refuse a file to write that cannot become one: an existing folder, or a path below a file."""
+    if path.is_dir():
+        raise ConfigError(f"{_named(path, flag)}: is a folder; give a file path")
+    _check_parents(path, flag)
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    existing = next((parent for parent in path.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"{_named(path, flag)}: {existing} is a file, not a folder")
+
+
+def _named(path: Path, flag: str) -> str:
+    return f"{flag} {path}" if flag else str(path)

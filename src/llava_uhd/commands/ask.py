@@ -52,11 +52,13 @@ def run(args: argparse.Namespace) -> int:
     from llava_uhd.bundled import model_dir
     from llava_uhd.inference.generate import GenerationOptions, answer
 
-    options = GenerationOptions(**decoding_options(args))  # checked before the (slow) model load
+    # every input is checked before the (slow) model load
+    options = GenerationOptions(**decoding_options(args))
+    images = [str(path) for path in args.image]
+    _check_inputs(args.question, images)
     folder = model_dir(args.model)
     device = _device(args.device)
     model, processor = load_pretrained(folder, device=device, dtype=_dtype(args.dtype, device))
-    images = [str(path) for path in args.image]
     text = answer(model, processor, images, args.question, **vars(options))
     if args.json:
         record = {"model": str(folder), "images": images, "question": args.question, "answer": text}
@@ -64,6 +66,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text + "\n")
     return 0
+
+
+def _check_inputs(question: str, images: list[str]) -> None:
+    """The question's ``<image>`` count and each image file's header (exists, is an image): what can be
+    checked without the model. The model's pixel limit applies when the image is read for it."""
+    from llava_uhd.images import probe_image_size
+    from llava_uhd.inference.generate import question_turns
+
+    question_turns(question, len(images))
+    for image in images:
+        probe_image_size(image, max_pixels=sys.maxsize)
 
 
 def _device(name: str | None) -> torch.device:

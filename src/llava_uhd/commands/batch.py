@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llava_uhd.commands._common import add_decoding_arguments, decoding_options
+from llava_uhd.commands._common import add_decoding_arguments, check_output_file, decoding_options
 from llava_uhd.errors import ConfigError
 
 HELP = "answer a JSONL file of {id, image, question} lines in batches"
@@ -43,15 +43,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_requests(path: Path) -> list[dict[str, Any]]:
     """Every line of IN as ``{"id", "image", "question"}`` or ``{"id", "error"}`` (never raises per line)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not an input file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such input file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     items: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            items.append(
+                {"id": None, "line": number, "error": f"line {number}: not UTF-8 text ({exc.reason})"}
+            )
+            continue
         except json.JSONDecodeError as exc:
             items.append({"id": None, "line": number, "error": f"line {number}: not JSON ({exc.msg})"})
             continue
@@ -127,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     GenerationOptions(**options)  # refuse bad decoding flags before the model loads
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_output_file(args.output, "--output")
     items = read_requests(args.input)
     done, failed_before = answered(args.output) if args.resume else (set(), 0)
     todo = [item for item in items if _key(item) not in done]

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from llava_uhd.errors import CheckpointError
+from llava_uhd.commands._common import check_output_folder
+from llava_uhd.errors import CheckpointError, ConfigError
 
 HELP = "convert a released LLaVA-UHD checkpoint into a llava-uhd model folder"
 
 # Released layouts this command reads -> the preset they convert to.
 SOURCES = ("official-v1",)
+# What --max-shard-size takes: the sizes save_pretrained understands (huggingface_hub's units).
+_SHARD_SIZE = re.compile(r"\s*(\d+(\.\d*)?)\s*(TB|GB|MB|KB)\s*", re.IGNORECASE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,19 +58,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from llava_uhd.model.convert_official import convert_released, official_preset, read_released
     from llava_uhd.processing import LlavaUHDProcessor
+    from llava_uhd.tokenizers import load_tokenizer_folder
 
     if args.dst.exists() and (not args.dst.is_dir() or any(args.dst.iterdir())):
         raise CheckpointError(f"{args.dst}: already exists and is not an empty folder; choose a new DST")
+    check_output_folder(args.dst)
+    size = _SHARD_SIZE.fullmatch(args.max_shard_size)
+    if size is None or float(size.group(1)) <= 0:  # checked before hours of reading and converting
+        raise ConfigError(
+            f"--max-shard-size {args.max_shard_size!r}: give a positive size in TB, GB, MB or KB, e.g. 5GB"
+        )
     checkpoint = read_released(args.src)
     preset = official_preset(checkpoint, args.vision_tower)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(args.src))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{args.src}: cannot load the tokenizer: {exc}") from None
+    tokenizer = load_tokenizer_folder(args.src)
     processor = LlavaUHDProcessor(tokenizer, preset)  # adds <image>; its id goes into the model config
     preset, report = convert_released(
         checkpoint,

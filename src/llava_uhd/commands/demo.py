@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -52,11 +53,16 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     from llava_uhd.auto import load_pretrained
     from llava_uhd.bundled import model_dir
+    from llava_uhd.commands._common import check_output_folder
     from llava_uhd.commands.slice import describe_plan, write_slice_picture
-    from llava_uhd.images import load_image
+    from llava_uhd.images import load_image, probe_image_size
     from llava_uhd.inference.batch import Request, answer_batch
     from llava_uhd.model.feature_cache import cache_frozen_tower
 
+    out_dir = Path(args.out_dir)
+    check_output_folder(out_dir, "--out-dir")  # the inputs before the (slow) model load
+    if args.image is not None:  # its header; the model's pixel limit applies when it is read
+        probe_image_size(args.image, max_pixels=sys.maxsize)
     folder = model_dir(args.model)
     model, processor = load_pretrained(folder)
     cache_frozen_tower(model)  # the page is encoded once for all its questions
@@ -67,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
         image, asked, name = _page(args.seed)
         if args.question:
             asked = [(q, "-") for q in args.question]
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     picture = out_dir / "slices.png"
     plan = write_slice_picture(image, picture, processor.preset, name=name)

@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llava_uhd.commands._common import check_output_folder
+    from llava_uhd.errors import ConfigError
+
+    check_output_folder(args.out)
     if args.what == "tokenizer":
         from llava_uhd.synth.tokenizer import save_tokenizer
 
@@ -44,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from llava_uhd.synth.synthdoc import write_llava_json
 
+    if args.colour_jitter < 0:
+        raise ConfigError(f"--colour-jitter must be >= 0 levels, got {args.colour_jitter}")
+    if Path(args.json_name).name != args.json_name or args.json_name in ("", ".", ".."):
+        raise ConfigError(f"--json-name {args.json_name!r}: give a file name, written in OUT")
     path = write_llava_json(
         args.out,
         args.split,

@@ -12,11 +12,14 @@ and ``piece_grids`` (N, 2) long (empty for text-only samples); ``pieces_per_imag
 ``num_text_tokens`` and ``num_visual_tokens`` (ints, for the length sampler).
 
 Bad records (missing or corrupt image, an image path outside the image folder, malformed turns,
-image-count mismatch, a visual block longer than ``max_length``) raise
+image-count mismatch, a visual block longer than ``max_length``, a JSONL line that is not JSON) raise
 :class:`~llava_uhd.errors.BadSampleError` naming the id and reason with ``on_bad_sample="error"``.
-With ``"skip"`` the next record (index + 1, + 2, ... wrapping) is returned instead, deterministically,
-and every skipped id and reason is appended to the skip log (JSONL) and counted. Only typed errors are
-caught; a bug still crashes.
+With ``"skip"`` a bad record is reported once (its id, index and reason appended to the skip log, JSONL)
+and never stands in for another: :meth:`LlavaDataset.usable_indices` checks every record up front from
+the text and the image headers, so training draws each good record once per epoch and no bad one. A
+record whose pixels turn out corrupt only when decoded reads as an empty sample (one pad token, no
+label, no image): it adds nothing to the loss and its batch keeps its size on every rank. Only typed
+errors are caught; a bug still crashes.
 
 Image paths are resolved (``..`` and symlinks followed) and must land inside the image folder (the current
 folder when there is none): a record cannot make training read ``/etc/passwd`` or ``../../secret.jpg``.
@@ -29,7 +32,7 @@ import json
 import logging
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +52,8 @@ from llava_uhd.errors import (
 )
 from llava_uhd.images import ImageSource, load_image, probe_image_size
 from llava_uhd.processing import LlavaUHDProcessor
-from llava_uhd.templates import MalformedConversationError, Template, get_template
+from llava_uhd.templates import IGNORE_INDEX, MalformedConversationError, Template, get_template
+from llava_uhd.tokens import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -61,49 +65,99 @@ _IMAGE_ERRORS = (ImageLoadError, ImageSizeError, PlanLimitError, TokenBudgetErro
 _EPOCH_MIX, _INDEX_MIX = 1_000_003, 7_919
 
 
-def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read a LLaVA JSON file (a list of records) or JSONL (one record per line, blank lines ignored)."""
+def read_records(path: str | Path) -> tuple[list[Any], dict[int, str]]:
+    """The records of a LLaVA JSON file (a list of records) or JSONL (one record per line, blank lines
+    ignored), and the JSONL lines that hold no record.
+
+    A JSONL line that is not UTF-8 text or not valid JSON keeps its place in the records as ``None``; the
+    second result maps its index to the reason, which names the file and line. A JSON file is one
+    document, so any fault in it is an error.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a JSON file is not a list of records.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such data file")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{p}:{line_no}: not valid JSON: {exc.msg}") from None
-        return records
     try:
-        data = json.loads(text)
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if p.suffix == ".jsonl":
+        records: list[Any] = []
+        unreadable: dict[int, str] = {}
+        for line_no, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line.decode("utf-8")))
+            except UnicodeDecodeError as exc:
+                unreadable[len(records)] = f"{p}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                records.append(None)
+            except json.JSONDecodeError as exc:
+                unreadable[len(records)] = f"{p}:{line_no}: not valid JSON: {exc.msg}"
+                records.append(None)
+        return records, unreadable
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{p}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
     if not isinstance(data, list):
         raise ConfigError(f"{p}: a LLaVA JSON file must hold a list of records, got {type(data).__name__}")
-    return data
+    return data, {}
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a LLaVA JSON file (a list of records) or JSONL (one record per line, blank lines ignored).
+
+    Raises:
+        ConfigError: as :func:`read_records`, and for the first JSONL line that holds no record.
+    """
+    records, unreadable = read_records(path)
+    if unreadable:
+        raise ConfigError(unreadable[min(unreadable)])
+    return records
 
 
 @dataclass
 class SkipLog:
-    """Where skipped samples go: one JSON line ``{"id", "index", "reason"}`` each, and a counter.
+    """Where bad samples are reported: one JSON line ``{"id", "index", "reason"}`` each, and a counter.
 
-    The file is appended to (each line written in one call), so DataLoader workers can share it;
-    :func:`read_skip_log` gives the total over all workers, ``count`` this process's skips.
+    A record is reported once: :meth:`record` leaves out a record this log already holds (by id and
+    index), in this process or in the file, so a record that fails again in a later epoch, in another
+    DataLoader worker or after a resume adds nothing. Each line is appended in one call, so workers can
+    share the file; a record is read by one worker of one rank per epoch, so no two processes report the
+    same record at once. :func:`read_skip_log` gives the whole run's entries, ``count`` this process's.
     """
 
     path: Path | None = None
     count: int = 0
+    _seen: set[tuple[str, int]] = field(default_factory=set, repr=False)
 
     def record(self, sample_id: str, index: int, reason: str) -> None:
-        self.count += 1
-        logger.warning("skipping sample %r (index %d): %s", sample_id, index, reason)
+        """Report a bad record, unless it has been reported already."""
+        self.record_all([(sample_id, index, reason)])
+
+    def record_all(self, entries: Sequence[tuple[str, int, str]]) -> None:
+        """Report bad records ``(id, index, reason)``, each unless it has been reported already."""
+        if all((sample_id, index) in self._seen for sample_id, index, _ in entries):
+            return
         if self.path is not None:
+            self._seen.update((e["id"], e["index"]) for e in read_skip_log(self.path))
+        lines = []
+        for sample_id, index, reason in entries:
+            if (sample_id, index) in self._seen:
+                continue
+            self._seen.add((sample_id, index))
+            self.count += 1
+            logger.warning("skipping sample %r (index %d): %s", sample_id, index, reason)
+            lines.append(json.dumps({"id": sample_id, "index": index, "reason": reason}) + "\n")
+        if self.path is not None and lines:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            line = json.dumps({"id": sample_id, "index": index, "reason": reason}) + "\n"
             with self.path.open("a", encoding="utf-8") as f:
-                f.write(line)
+                f.write("".join(lines))
 
 
 def read_skip_log(path: str | Path) -> list[dict[str, Any]]:
@@ -125,8 +179,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         template: ``plain``, ``vicuna_v1``, ``chat_template`` or a template object.
         max_length: the most tokens of a sample (text + visual); longer text is cut, never a visual block.
         overview_only: stage 1 (docs/design.md section 7): one piece per image, the overview.
-        on_bad_sample: ``"error"`` raises; ``"skip"`` logs and returns the next good record.
-        skip_log: the JSONL file skipped samples are appended to (``"skip"`` only).
+        on_bad_sample: ``"error"`` raises; ``"skip"`` reports the record once and reads it as an empty
+            sample (see :meth:`usable_indices`); a JSONL line that is not JSON is then a bad record too.
+        skip_log: the JSONL file bad records are reported in (``"skip"`` only).
         augment: image augmentations (off by default, as in the released recipe).
         seed: seeds the augmentations together with the epoch (:meth:`set_epoch`) and index.
         allow_outside_image_folder: accept absolute image paths and paths that resolve outside
@@ -151,7 +206,14 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise ConfigError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if max_length < 1:
             raise ConfigError(f"max_length must be >= 1, got {max_length!r}")
-        self.records = load_records(records) if isinstance(records, str | Path) else list(records)
+        # index -> why a JSONL line holds no record (kept in place as None; "skip" only)
+        self._unreadable: dict[int, str] = {}
+        if not isinstance(records, str | Path):
+            self.records = list(records)
+        elif on_bad_sample == "error":
+            self.records = load_records(records)
+        else:
+            self.records, self._unreadable = read_records(records)
         self.image_folder = Path(image_folder) if image_folder is not None else None
         # resolved once: the root every image path must stay under
         self._image_root = (self.image_folder or Path.cwd()).resolve()
@@ -167,7 +229,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.augment = augment or AugmentConfig()
         self.seed = seed
         self.epoch = 0
-        self._lengths: list[int] | None = None
+        self._checked: list[int | BadSampleError] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -178,19 +240,32 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     @property
     def skipped(self) -> int:
-        """Samples this process skipped (for the whole run across workers, read the skip log)."""
+        """Bad records this process reported (for the whole run across workers, read the skip log)."""
         return self.skips.count
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample of record ``index``; with ``"skip"``, an empty sample for a bad record (reported once)."""
         if self.on_bad_sample == "error":
             return self.build(index)
-        for attempt in range(len(self)):
-            current = (index + attempt) % len(self)
-            try:
-                return self.build(current)
-            except BadSampleError as exc:
-                self.skips.record(exc.sample_id, current, exc.reason)
-        raise BadSampleError(record_id(self.records[index], index), "every record in the dataset is bad")
+        try:
+            return self.build(index)
+        except BadSampleError as exc:
+            self.skips.record(exc.sample_id, index, exc.reason)
+            return self._empty_sample(exc.sample_id)
+
+    def _empty_sample(self, sample_id: str) -> dict[str, Any]:
+        """What a bad record reads as under ``"skip"``: one pad token without a label, no image."""
+        images = self.processor.encode([], [])
+        return {
+            "id": sample_id,
+            "input_ids": torch.tensor([pad_token_id(self.tokenizer)], dtype=torch.long),
+            "labels": torch.tensor([IGNORE_INDEX], dtype=torch.long),
+            "pixel_values": images.pixel_values,
+            "piece_grids": images.piece_grids,
+            "pieces_per_image": images.pieces_per_image,
+            "num_text_tokens": 1,
+            "num_visual_tokens": 0,
+        }
 
     def _image_path(self, relative: str, sample_id: str) -> Path:
         """The file a record's image path names, resolved; outside the image folder it is a bad sample."""
@@ -219,7 +294,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def build(self, index: int) -> dict[str, Any]:
         """The sample for record ``index``; raises :class:`BadSampleError` for a bad record."""
-        conversation = parse_record(self.records[index], index)
+        conversation = self._conversation(index)
         sid = conversation.id
         rng = random.Random(self.seed * _EPOCH_MIX * _INDEX_MIX + self.epoch * _INDEX_MIX + index)
         sources = [self._source(path, sid, rng) for path in conversation.images]
@@ -260,30 +335,77 @@ class LlavaDataset(torch.utils.data.Dataset):
             return f"images {list(conversation.images)}: {error}"
         return _image_reason(conversation.images[0], error)
 
+    def _conversation(self, index: int) -> Conversation:
+        if index in self._unreadable:
+            raise BadSampleError(record_id(None, index), self._unreadable[index])
+        return parse_record(self.records[index], index)
+
     def lengths(self) -> list[int]:
         """Each record's total length (text + visual tokens, capped at ``max_length``) for the sampler.
 
         Exact for unaugmented data: the text is tokenized and each image's plan made from its file header
-        (no pixel decoding). A record that cannot be parsed or opened gets length 0 (it will be skipped or
-        raise when read). Computed once and cached.
+        (no pixel decoding). A record that fails these checks gets length 0 (it will be skipped or
+        raise when read). Computed once (with :meth:`usable_indices`) and cached.
         """
-        if self._lengths is None:
-            self._lengths = [self._length(i) for i in range(len(self))]
-        return self._lengths
+        return [0 if isinstance(result, BadSampleError) else result for result in self._check_all()]
 
-    def _length(self, index: int) -> int:
+    def usable_indices(self, report: bool = True) -> list[int]:
+        """The indices of the records that pass the checks :meth:`lengths` makes, in order.
+
+        What an epoch draws from under ``"skip"``: every record is checked once, up front, from its text
+        and image headers (no pixels decoded), so a bad record is never drawn, and the result is the same
+        on every rank. With ``report``, each bad record goes to the skip log once (give it on one rank).
+        """
+        checked = self._check_all()
+        bad = [(r.sample_id, i, r.reason) for i, r in enumerate(checked) if isinstance(r, BadSampleError)]
+        if report:
+            self.skips.record_all(bad)
+        return [i for i, result in enumerate(checked) if not isinstance(result, BadSampleError)]
+
+    def _check_all(self) -> list[int | BadSampleError]:
+        if self._checked is None:
+            self._checked = [self._check(i) for i in range(len(self))]
+        return self._checked
+
+    def _check(self, index: int) -> int | BadSampleError:
+        """Record ``index``'s length, or the BadSampleError that reading it would raise, from headers only."""
         limit = self.preset.slicing.max_image_pixels
         try:
-            conversation = parse_record(self.records[index], index)
-            sizes = [  # header only
-                probe_image_size(self._image_path(path, conversation.id), max_pixels=limit)
-                for path in conversation.images
-            ]
-            plans = self.processor.plan_images(sizes, overview_only=self.overview_only)
-            encoded = self.processor.encode_conversation(conversation.turns, plans, self.template)
-        except (BadSampleError, MalformedConversationError, PlaceholderMismatchError, *_IMAGE_ERRORS):
-            return 0
-        return min(len(encoded.input_ids), self.max_length)
+            conversation = self._conversation(index)
+            sid = conversation.id
+            sizes = []
+            for path in conversation.images:
+                try:  # header only
+                    sizes.append(probe_image_size(self._image_path(path, sid), max_pixels=limit))
+                except ImageLoadError as exc:
+                    raise BadSampleError(sid, _image_reason(path, exc)) from None
+            try:
+                plans = self.processor.plan_images(sizes, overview_only=self.overview_only)
+            except _IMAGE_ERRORS as exc:
+                raise BadSampleError(sid, self._plan_failure(conversation, sizes, exc)) from None
+            try:
+                encoded = self.processor.encode_conversation(conversation.turns, plans, self.template)
+            except MalformedConversationError as exc:
+                raise BadSampleError(sid, f"malformed turns: {exc}") from None
+            except PlaceholderMismatchError as exc:
+                raise BadSampleError(sid, f"image-count mismatch: {exc}") from None
+            truncate(encoded, self.max_length, sid)  # a visual block past max_length is a bad record
+            return min(len(encoded.input_ids), self.max_length)
+        except BadSampleError as exc:
+            return exc
+
+    def _plan_failure(
+        self, conversation: Conversation, sizes: Sequence[tuple[int, int]], error: Exception
+    ) -> str:
+        """The reason a record's images cannot be planned: which image, found by planning each alone."""
+        if len(sizes) > 1:
+            for relative, size in zip(conversation.images, sizes, strict=True):
+                try:
+                    self.processor.plan_images([size], overview_only=self.overview_only)
+                except _IMAGE_ERRORS as exc:
+                    return _image_reason(relative, exc)
+            return f"images {list(conversation.images)}: {error}"
+        return _image_reason(conversation.images[0], error)
 
 
 def _image_reason(relative: str, error: Exception) -> str:

@@ -15,6 +15,8 @@ it as ignored.
 from __future__ import annotations
 
 import json
+import pickle
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,21 @@ _ANCHOR_KEY = "embeddings.patch_embedding.weight"
 _UNUSED_VISION_KEYS = ("post_layernorm.", "head.", "embeddings.position_ids")
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
+# What torch.load raises on bytes that are no torch file, besides pickle.UnpicklingError (a pickle that
+# weights_only refuses): a damaged zip (RuntimeError), a short file (EOFError), and whatever its
+# weights-only unpickler meets in garbage (found by fuzzing).
+TORCH_FILE_ERRORS = (
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    struct.error,
+)
 _TORCH_INDEX = "pytorch_model.bin.index.json"
 
 
@@ -147,7 +164,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if not candidate.is_file():
             continue
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(candidate.read_text())["weight_map"].values()))
+            shards = _index_shards(candidate)
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 state.update(_read_file(path / shard))
@@ -159,17 +176,52 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a ``*.index.json`` names."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, not an index
+        raise CheckpointError(f"{index}: not a shard index ({type(exc).__name__}: {exc})") from None
+    if not all(isinstance(shard, str) for shard in shards):
+        raise CheckpointError(f"{index}: not a shard index (shard names must be strings)")
+    return shards
+
+
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one file; a damaged file, or a pickle that names code, is a CheckpointError."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:  # random bytes, a truncated file, no file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     if path.suffix in (".bin", ".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # it names a class or function, or is no pickle at all
+            raise CheckpointError(
+                f"{path}: refused to load, not a weights-only torch file ({_unpickling_problem(exc)})"
+            ) from None
+        except TORCH_FILE_ERRORS as exc:
+            raise CheckpointError(
+                f"{path}: cannot be read ({type(exc).__name__}: {str(exc).split('. ')[0]})"
+            ) from None
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
         return dict(state)
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (want .safetensors or .bin)")
+
+
+def _unpickling_problem(error: pickle.UnpicklingError) -> str:
+    """What torch says is wrong with a file ``weights_only`` refused, without its advice to load it with
+    ``weights_only=False``, which would run whatever code the file names."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(error).splitlines()]
+    found = [line for line in lines if line and not line.startswith(boilerplate)]
+    return " ".join(found) or "it holds more than tensors and plain data"
 
 
 def load_by_key_map(

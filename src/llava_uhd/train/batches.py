@@ -46,23 +46,36 @@ class BatchGeometry:
 
 
 def epoch_order(
-    num_samples: int, seed: int, epoch: int, lengths: Sequence[int] | None, global_batch_size: int
+    num_samples: int,
+    seed: int,
+    epoch: int,
+    lengths: Sequence[int] | None,
+    global_batch_size: int,
+    usable: Sequence[int] | None = None,
 ) -> list[int]:
     """The epoch's sample order, seeded by (seed, epoch); whole global batches only.
 
     Without ``lengths`` a plain permutation. With them, the data pipeline's :class:`LengthGroupedSampler`
     (one "rank" whose batch is the whole global batch), so every global batch holds samples of similar
-    length, longest first, and cutting it into micro-batches pads little.
+    length, longest first, and cutting it into micro-batches pads little. ``lengths`` has one entry per
+    sample of the dataset.
+
+    ``usable`` (default: all ``num_samples``) are the dataset indices an epoch draws from, e.g. those of
+    the good records under ``on_bad_sample: skip``: the order is drawn over their positions and mapped
+    back, so each is drawn at most once, the others never, and every rank computes the same order.
     """
+    if usable is None:
+        usable = range(num_samples)
+    n = len(usable)
     if lengths is None:
         generator = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(num_samples, generator=generator).tolist()
-        return order[: (num_samples // global_batch_size) * global_batch_size]
+        order = torch.randperm(n, generator=generator).tolist()
+        return [usable[k] for k in order[: (n // global_batch_size) * global_batch_size]]
     sampler = LengthGroupedSampler(
-        lengths, batch_size=global_batch_size, world_size=1, seed=seed, drop_last=True
+        [lengths[i] for i in usable], batch_size=global_batch_size, world_size=1, seed=seed, drop_last=True
     )
     sampler.set_epoch(epoch)
-    return [index for batch in sampler.global_batches() for index in batch]
+    return [usable[k] for batch in sampler.global_batches() for k in batch]
 
 
 def rank_steps(order: Sequence[int], geometry: BatchGeometry, rank: int) -> list[list[list[int]]]:

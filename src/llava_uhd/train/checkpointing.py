@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from llava_uhd.errors import CheckpointError
+from llava_uhd.model.weights import TORCH_FILE_ERRORS
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -124,7 +125,7 @@ def load_data_file(path: Path, allowed_globals: Sequence[Any] = (), mmap: bool =
         except pickle.UnpicklingError:
             refused = _disallowed_globals(path)
             raise CheckpointError(f"{path}: refused to load, it holds {refused}, not only data") from None
-        except (RuntimeError, EOFError) as exc:  # not a torch.save file, or truncated
+        except TORCH_FILE_ERRORS as exc:  # not a torch.save file, or truncated
             raise CheckpointError(f"{path}: cannot be read ({exc})") from None
 
 
@@ -147,6 +148,27 @@ def capture_rng() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def check_rng(state: Any, source: Path) -> None:
+    """Refuse, naming ``source``, RNG states that :func:`restore_rng` could not set: each is set on a
+    throwaway generator of its kind, so the process's own generators are untouched."""
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{source}: not an RNG state (want python, numpy and torch states, got {found})"
+        )
+    try:
+        random.Random().setstate(state["python"])
+        np.random.RandomState().set_state(state["numpy"])
+        torch.Generator().set_state(state["torch"])
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: not an RNG state ({type(exc).__name__}: {exc})") from None
+    cuda = state.get("cuda", [])  # one byte tensor per device (set only where CUDA is present)
+    if not isinstance(cuda, list | tuple) or not all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda
+    ):
+        raise CheckpointError(f"{source}: not an RNG state (cuda must be a list of byte tensors)")
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -232,10 +254,13 @@ class CheckpointIO:
         return state
 
     def load_rng(self, path: Path) -> dict[str, Any]:
+        """This rank's RNG states, checked to be ones :func:`restore_rng` can set (nothing is set here)."""
         rng_file = path / "rng" / f"rank{self.rank}.pt"
         if not rng_file.is_file():
             raise CheckpointError(f"{path}: no RNG state for rank {self.rank}")
-        return load_data_file(rng_file, _NUMPY_RNG_GLOBALS)
+        state = load_data_file(rng_file, _NUMPY_RNG_GLOBALS)
+        check_rng(state, rng_file)
+        return state
 
 
 def check_compatible(state: TrainerState, global_batch_size: int, micro_batch_size: int, path: Path) -> None:

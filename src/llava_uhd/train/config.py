@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from llava_uhd.errors import ConfigError
-from llava_uhd.serialize import dump_yaml, from_plain, load_yaml_mapping, to_plain
+from llava_uhd.serialize import dump_yaml, from_plain, load_yaml_file, to_plain
 
 MixedPrecision = Literal["no", "bf16"]
 Backend = Literal["ddp", "fsdp", "deepspeed"]
@@ -275,9 +275,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         """Read a YAML file and apply ``key=value`` overrides (dotted keys, YAML values)."""
-        p = Path(path)
-        _check(p.is_file(), f"{p}: no such training config file")
-        data = load_yaml_mapping(p.read_text(), f"{p}: a training config")
+        data = load_yaml_file(Path(path), "training config")
         return cls.from_dict(apply_overrides(data, overrides))
 
 

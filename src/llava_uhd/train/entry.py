@@ -75,11 +75,14 @@ def build_data(config: TrainConfig, stage: StageSpec, processor: Any, rank: int)
             config, stage, rank, "eval", data.synthetic_eval_samples, config.seed + 1
         )
         eval_set = LlavaDataset(eval_path, eval_images, **common)
+    # skip: every record is checked once up front, the bad ones reported (by rank 0) and never drawn
+    usable = train.usable_indices(report=rank == 0) if data.on_bad_sample == "skip" else None
     return TrainData(
         dataset=train,
         eval_metrics=_synthdoc_metrics(processor, data.synthdoc_eval_pages, config.seed),
         collate=LlavaCollator.for_tokenizer(processor.tokenizer),
         lengths=train.lengths() if data.group_by_length else None,
+        usable=usable,
         eval_dataset=eval_set,
         skipped=lambda: len(read_skip_log(skip_log)),
     )
@@ -123,12 +126,15 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
     rank, _, _ = parallel.init_distributed()
     output = Path(config.output_dir)
     if rank == 0:
+        if output.exists() and not output.is_dir():
+            raise ConfigError(f"output_dir {str(output)!r} exists and is not a folder")
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(config.to_yaml())
     parallel.barrier()
     if stage.task == "dense_vision":
         return _run_dense(config, stage, resume, output, rank)
     processor = build_processor(config)
+    data = build_data(config, stage, processor, rank)  # bad data stops the run before a model is built
     model = build_model(config, processor)
     trainable = prepare_model(model, config, stage)
     cache = None
@@ -143,7 +149,6 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
         len(trainable),
         sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
-    data = build_data(config, stage, processor, rank)
     trainer = Trainer(config, model, data)
     result = trainer.fit(resume_from=resolve_resume(config, resume))
     if cache is not None:

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from llava_uhd.errors import CheckpointError, ConfigError
+from llava_uhd.model.weights import read_state_dict
 from llava_uhd.templates import IGNORE_INDEX
 from llava_uhd.train import parallel
 from llava_uhd.train.batches import BatchGeometry, StepLoader, epoch_order, rank_steps
@@ -79,7 +80,8 @@ class TrainData:
 
     dataset: Any
     collate: Callable[[list[Any]], dict[str, torch.Tensor]]
-    lengths: Sequence[int] | None = None  # for length grouping; None = plain shuffle
+    lengths: Sequence[int] | None = None  # for length grouping (one per sample); None = plain shuffle
+    usable: Sequence[int] | None = None  # the sample indices an epoch draws from; None = all
     eval_dataset: Any | None = None
     skipped: Callable[[], int] = field(default=lambda: 0)  # samples skipped so far (all workers)
     objective: Objective = field(default_factory=TokenObjective)
@@ -129,11 +131,13 @@ class Trainer:
         self.geometry = BatchGeometry(
             self.config.global_batch_size, self.config.micro_batch_size, self.world_size
         )
-        self.steps_per_epoch = self.geometry.steps_per_epoch(len(data.dataset))
+        usable = len(data.dataset) if data.usable is None else len(data.usable)
+        self.steps_per_epoch = self.geometry.steps_per_epoch(usable)
         if self.steps_per_epoch == 0:
+            bad = len(data.dataset) - usable
             raise ConfigError(
-                f"{len(data.dataset)} samples cannot fill one global batch of "
-                f"{self.geometry.global_batch_size}; lower global_batch_size"
+                f"{usable} samples{f' ({bad} bad records skipped)' if bad else ''} cannot fill one global "
+                f"batch of {self.geometry.global_batch_size}; lower global_batch_size"
             )
         total = self.steps_per_epoch * self.config.epochs
         self.total_steps = min(total, self.config.max_steps) if self.config.max_steps else total
@@ -214,7 +218,7 @@ class Trainer:
 
     def load_trainable(self, folder: Path) -> None:
         """Load a checkpoint's trainable weights into the (unwrapped) model."""
-        weights = load_file(str(folder / MODEL_FILE))
+        weights = read_state_dict(folder / MODEL_FILE)  # a damaged file is a CheckpointError
         missing = sorted(set(self.trainable_names) - set(weights))
         if missing:
             raise CheckpointError(
@@ -295,6 +299,7 @@ class Trainer:
             epoch,
             self.data.lengths,
             self.geometry.global_batch_size,
+            self.data.usable,
         )
         steps = rank_steps(order, self.geometry, self.rank)
         return StepLoader(

@@ -16,7 +16,7 @@ from torch import nn
 
 from llava_uhd.config import Preset, get_preset
 from llava_uhd.errors import CheckpointError, ConfigError
-from llava_uhd.tokenizers import BUILTIN_TOKENIZERS, builtin_tokenizer
+from llava_uhd.tokenizers import BUILTIN_TOKENIZERS, builtin_tokenizer, load_tokenizer_folder
 from llava_uhd.train.checkpointing import MODEL_FILE, STATE_FILE, latest_checkpoint
 from llava_uhd.train.config import TrainConfig
 from llava_uhd.train.lora import add_lora
@@ -27,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 def load_tokenizer(name: str | None, source_folder: str | None) -> Any:
     """A tokenizer from a folder, a built-in name (:mod:`llava_uhd.tokenizers`), or the model source's folder."""
-    from transformers import AutoTokenizer
-
     name = name or source_folder
     if name is None:
         raise ConfigError("model.tokenizer is required for a preset model (a folder or 'builtin:llama-32k')")
@@ -38,7 +36,7 @@ def load_tokenizer(name: str | None, source_folder: str | None) -> Any:
         raise ConfigError(
             f"model.tokenizer {name!r} is neither a folder nor one of {sorted(BUILTIN_TOKENIZERS)}"
         )
-    return AutoTokenizer.from_pretrained(name)
+    return load_tokenizer_folder(name)
 
 
 def build_processor(config: TrainConfig) -> Any:
@@ -82,9 +80,7 @@ def module_weights(path: str | Path, modules: tuple[str, ...] = (RESAMPLER,)) ->
     if p.is_dir() and not (p / STATE_FILE).is_file() and latest_checkpoint(p) is not None:
         p = latest_checkpoint(p)  # a run folder
     if p.is_dir() and (p / STATE_FILE).is_file():
-        from safetensors.torch import load_file
-
-        weights = load_file(str(p / MODEL_FILE))
+        weights = read_state_dict(p / MODEL_FILE)
     elif p.exists():
         weights = read_state_dict(p)
     else:
