@@ -51,7 +51,12 @@ def main() -> None:
     source = evaluate_synthdoc(*load_pretrained(args.source), **SHIPPED_SET)
     copy = evaluate_synthdoc(*load_pretrained(TARGET), **SHIPPED_SET)
     assert source == copy, (source["by_kind"], copy["by_kind"])
-    record = {**SHIPPED_SET, "by_kind": copy["by_kind"], "targets": copy["targets"], "by_bucket": copy["by_bucket"]}
+    record = {
+        **SHIPPED_SET,
+        "by_kind": copy["by_kind"],
+        "targets": copy["targets"],
+        "by_bucket": copy["by_bucket"],
+    }
     (TARGET / SHIPPED_FILE).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(copy["by_kind"]))
     size = sum(p.stat().st_size for p in TARGET.iterdir())
