@@ -33,6 +33,11 @@ def bucket_name(long_side: int) -> str:
     return "other"
 
 
+def _bucket_order(name: str) -> float:
+    low = name.split("-", 1)[0]
+    return int(low) if low.isdigit() else float("inf")
+
+
 def _tally() -> dict[str, int]:
     return {"correct": 0, "total": 0}
 
@@ -98,6 +103,9 @@ def evaluate_synthdoc(
         "seed": seed,
         "max_slices": max_slices,
         "by_kind": {k: _rate(v) for k, v in by_kind.items()},
-        "by_bucket": {k: {b: _rate(t) for b, t in sorted(v.items())} for k, v in by_bucket.items()},
+        # buckets in order of page size ("448-699" before "1100-1344"), not as strings sort
+        "by_bucket": {
+            k: {b: _rate(v[b]) for b in sorted(v, key=_bucket_order)} for k, v in by_bucket.items()
+        },
         "targets": {k: _rate(v) for k, v in targets.items()},
     }
