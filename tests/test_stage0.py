@@ -3,6 +3,7 @@ tower through `llava-uhd train` with an exact resume, the probe, and the frozen-
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def test_windows_and_pages_carry_their_targets():
 
 
 def test_stage0_trains_exactly_the_tower_and_heads():
-    model = build_model(CONV)
+    model = build_model(dataclasses.replace(get_preset("synthdoc"), vision=CONV))
     names = apply_stage(model, get_stage("stage0"))
     assert names == sorted(n for n, _ in model.named_parameters())
     assert {n.split(".")[0] for n in names} == {"vision_tower", "dense_heads"}

@@ -14,6 +14,11 @@ surrounding box's colour; the loop averages it over the patches of the global ba
 :func:`probe` is the metric that bounds everything downstream: read each drawn character off the glyph head
 at its true sub-cell (the box is given), on the slices and on the overview of held-out pages.
 
+The ``stage0_resampler`` stage reuses all of this with the tower frozen: the same pages (whole, with
+``windows: 0``) and targets, read back through the resampler's tokens by a dense decoder
+(:class:`~llava_uhd.model.dense_heads.DenseResamplerModel`), so its probe measures what survives the
+compression.
+
 Dimensions: Pt patches, K values per patch, S sub-cells per patch, G glyph classes.
 """
 
@@ -30,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_uhd.config import Preset, SlicingConfig, VisionConfig
-from llava_uhd.model.dense_heads import DenseVisionModel
+from llava_uhd.config import Preset, SlicingConfig
+from llava_uhd.model.dense_heads import DenseResamplerModel, DenseVisionModel
 from llava_uhd.pixels import image_patches, patches_to_piece
 from llava_uhd.slicing import plan_slices
 from llava_uhd.synth.dense import (
@@ -258,9 +263,12 @@ def probe(
     }
 
 
-def build_model(vision: VisionConfig) -> DenseVisionModel:
-    """The tower of ``vision`` with heads sized for synthdoc's characters and colours."""
-    return DenseVisionModel(vision, SUBCELLS * SUBCELLS, GLYPH_CLASSES, COLOUR_CLASSES)
+def build_model(preset: Preset, task: str = "dense_vision") -> DenseVisionModel | DenseResamplerModel:
+    """The preset's tower with heads sized for synthdoc's characters and colours ("dense_vision"), or its
+    tower, resampler and a dense decoder of the same targets ("dense_resampler")."""
+    if task == "dense_resampler":
+        return DenseResamplerModel(preset, SUBCELLS * SUBCELLS, GLYPH_CLASSES, COLOUR_CLASSES)
+    return DenseVisionModel(preset.vision, SUBCELLS * SUBCELLS, GLYPH_CLASSES, COLOUR_CLASSES)
 
 
 def build_data(config: TrainConfig, slicing: SlicingConfig) -> TrainData:

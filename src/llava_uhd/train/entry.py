@@ -131,7 +131,7 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(config.to_yaml())
     parallel.barrier()
-    if stage.task == "dense_vision":
+    if stage.task in ("dense_vision", "dense_resampler"):
         return _run_dense(config, stage, resume, output, rank)
     processor = build_processor(config)
     data = build_data(config, stage, processor, rank)  # bad data stops the run before a model is built
@@ -163,13 +163,14 @@ def run_training(config: TrainConfig, resume: bool | str | Path = False) -> Trai
 def _run_dense(
     config: TrainConfig, stage: StageSpec, resume: bool | str | Path, output: Path, rank: int
 ) -> TrainResult:
-    """Stage 0: the preset's vision tower and dense heads on synthdoc pages; ``final/`` holds both."""
+    """Stage 0 (the preset's vision tower and dense heads) or stage0_resampler (tower, resampler and its
+    dense decoder) on synthdoc pages; ``final/`` holds every module of the run."""
     from llava_uhd.config import get_preset
     from llava_uhd.train import dense_stage
 
     preset = get_preset(config.model.preset)
     torch.manual_seed(config.seed)
-    model = dense_stage.build_model(preset.vision)
+    model = dense_stage.build_model(preset, stage.task)
     trainable = prepare_model(model, config, stage)
     logger.info("stage %s: %d trainable tensors", stage.name, len(trainable))
     trainer = Trainer(config, model, dense_stage.build_data(config, preset.slicing))

@@ -16,13 +16,14 @@ from torch import nn
 from llava_uhd.errors import ConfigError
 
 PieceSelection = Literal["overview", "all"]
-Task = Literal["language", "dense_vision"]
+Task = Literal["language", "dense_vision", "dense_resampler"]
 
 # Submodule names of the composed model (INTERFACES.md, "Model").
 VISION = "vision_tower"
 RESAMPLER = "resampler"
 LANGUAGE = "language_model"
 DENSE_HEADS = "dense_heads"  # stage 0's per-patch heads (llava_uhd.model.dense_heads)
+DENSE_DECODER = "dense_decoder"  # the resampler's dense decoder of stage 0_resampler (same module)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class StageSpec:
     lr: float
     global_batch_size: int
     template: str | None  # conversation template; None = the preset's (vicuna_v1 for the paper)
-    task: Task = "language"  # "dense_vision": the tower alone, on per-patch targets (stage 0)
+    # "dense_vision": the tower alone, on per-patch targets (stage 0); "dense_resampler": the same targets
+    # read back through the resampler's tokens (stage0_resampler)
+    task: Task = "language"
 
 
 STAGES: dict[str, StageSpec] = {
@@ -49,6 +52,17 @@ STAGES: dict[str, StageSpec] = {
         global_batch_size=1,
         template=None,
         task="dense_vision",
+    ),
+    # Between stage 0 and stage 1: the fresh resampler learns to keep what the frozen tower reads (which
+    # character where, inside which colour) in its tokens, by redrawing the dense targets from them.
+    "stage0_resampler": StageSpec(
+        "stage0_resampler",
+        (RESAMPLER, DENSE_DECODER),
+        "all",
+        lr=1e-3,
+        global_batch_size=1,
+        template=None,
+        task="dense_resampler",
     ),
     # Stage 1 aligns the fresh resampler to a frozen ViT and LLM on captions, overview only, lr 1e-3, batch 256.
     "stage1": StageSpec("stage1", (RESAMPLER,), "overview", lr=1e-3, global_batch_size=256, template="plain"),
