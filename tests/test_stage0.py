@@ -12,8 +12,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from llava_uhd.config import VisionConfig, get_preset
+from llava_uhd.config import Preset, VisionConfig, get_preset
 from llava_uhd.errors import CheckpointError, ConfigError
+from llava_uhd.model.dense_heads import DenseDecoder
 from llava_uhd.model.feature_cache import FrozenFeatureCache
 from llava_uhd.model.vision import VisionTransformer
 from llava_uhd.pixels import patches_to_piece
@@ -33,6 +34,10 @@ CONV = VisionConfig(
     stem="conv",
     center_pieces=True,
 )
+
+
+def _with_vision(vision: VisionConfig) -> Preset:
+    return dataclasses.replace(get_preset("synthdoc"), vision=vision)
 
 
 def _grids_and_pixels(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +103,7 @@ def test_windows_and_pages_carry_their_targets():
 
 
 def test_stage0_trains_exactly_the_tower_and_heads():
-    model = build_model(dataclasses.replace(get_preset("synthdoc"), vision=CONV))
+    model = build_model(_with_vision(CONV))
     names = apply_stage(model, get_stage("stage0"))
     assert names == sorted(n for n, _ in model.named_parameters())
     assert {n.split(".")[0] for n in names} == {"vision_tower", "dense_heads"}
@@ -158,9 +163,65 @@ def test_stage0_runs_resumes_exactly_and_saves_a_tower(tmp_path):
         module_weights(tmp_path / "whole" / "final", ("resampler",))
 
 
+def test_stage0_resampler_trains_the_resampler_and_its_decoder_only():
+    model = build_model(_with_vision(CONV), "dense_resampler")
+    names = apply_stage(model, get_stage("stage0_resampler"))
+    assert {n.split(".")[0] for n in names} == {"resampler", "dense_decoder"}
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    # the resampler is the language model's (its width), so stage 1 can start from it
+    assert model.resampler.embed_dim == get_preset("synthdoc").text.config["hidden_size"]
+
+
+def test_dense_decoder_reads_each_piece_from_its_own_tokens_only():
+    torch.manual_seed(0)
+    decoder = DenseDecoder(32, 2, 4, 4, 9, 6).eval()
+    grids = torch.tensor([[2, 3], [4, 1], [1, 1]])
+    tokens = torch.randn(3, 4, 32)
+    with torch.no_grad():
+        out = decoder(tokens, grids)
+        assert out.glyph_logits.shape == (11, 4, 9) and out.colour_logits.shape == (11, 6)
+        # packed and padded equals one piece at a time: padding never reaches a real patch
+        alone = [decoder(tokens[i : i + 1], grids[i : i + 1]).glyph_logits for i in range(3)]
+        torch.testing.assert_close(out.glyph_logits, torch.cat(alone), atol=1e-5, rtol=1e-5)
+        other = tokens.clone()
+        other[1] += 1.0
+        moved = decoder(other, grids).glyph_logits
+    assert torch.equal(moved[:6], out.glyph_logits[:6]) and torch.equal(moved[10:], out.glyph_logits[10:])
+    assert not torch.allclose(moved[6:10], out.glyph_logits[6:10])
+
+
+def test_stage0_resampler_starts_from_stage0_and_feeds_stage1(tmp_path):
+    run_training(_config(tmp_path, tmp_path / "stage0"))
+    tower_final = tmp_path / "stage0" / "final"
+    data = _config(tmp_path, tmp_path / "resampler").to_dict()
+    data["stage"] = "stage0_resampler"
+    data["model"].update(init_from=str(tower_final), init_modules=["vision_tower"])
+    data["dense"].update(windows=0, full_page_every=1)
+    cfg = TrainConfig.from_dict(data)
+    result = run_training(cfg)
+    assert result.global_step == 4
+    records = (tmp_path / "resampler" / "metrics.jsonl").read_text()
+    assert "slice_char_acc" in records  # the probe reads through the resampler's tokens
+    tower = load_file(str(tower_final / "model.safetensors"))
+    state = load_file(str(tmp_path / "resampler" / "final" / "model.safetensors"))
+    assert {k.split(".")[0] for k in state} == {"vision_tower", "resampler", "dense_decoder"}
+    assert all(torch.equal(state[k], v) for k, v in tower.items() if k.startswith("vision_tower."))  # frozen
+
+    from llava_uhd.model.configuration import LlavaUHDConfig
+    from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
+    from llava_uhd.train.setup import module_weights
+
+    preset = Preset.load(_tiny_preset(tmp_path))
+    model = LlavaUHDForConditionalGeneration(LlavaUHDConfig.from_preset(preset))
+    weights = module_weights(tmp_path / "resampler" / "final", ("vision_tower", "resampler"))
+    loaded = model.load_state_dict(weights, strict=False)
+    assert not loaded.unexpected_keys
+    assert not [k for k in loaded.missing_keys if k.startswith(("vision_tower.", "resampler."))]
+
+
 def test_probe_reads_characters_off_the_heads():
     slicing = get_preset("synthdoc").slicing.__class__(max_slices=2)
-    model = build_model(CONV.__class__(**{**CONV.__dict__, "image_size": 336}))
+    model = build_model(_with_vision(CONV.__class__(**{**CONV.__dict__, "image_size": 336})))
     result = probe(model, slicing, documents=2)
     assert result["slice_chars"] > 0 and result["overview_chars"] > 0
     assert 0.0 <= result["slice_char_acc"] <= 1.0

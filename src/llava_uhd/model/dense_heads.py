@@ -73,7 +73,13 @@ class DenseDecoder(nn.Module):
     """
 
     def __init__(
-        self, width: int, grid_side: int, num_heads: int, subcells: int, glyph_classes: int, colour_classes: int
+        self,
+        width: int,
+        grid_side: int,
+        num_heads: int,
+        subcells: int,
+        glyph_classes: int,
+        colour_classes: int,
     ) -> None:
         super().__init__()
         self.grid_side = grid_side
@@ -119,7 +125,12 @@ class DenseResamplerModel(nn.Module):
         self.vision_tower = VisionTransformer(preset.vision)
         self.resampler = build_resampler(preset.resampler, preset.vision.hidden_size, width)
         self.dense_decoder = DenseDecoder(
-            width, preset.resampler.grid_side, self.resampler.num_heads, subcells, glyph_classes, colour_classes
+            width,
+            preset.resampler.grid_side,
+            self.resampler.num_heads,
+            subcells,
+            glyph_classes,
+            colour_classes,
         )
 
     def forward(self, pixel_values: torch.Tensor, piece_grids: torch.Tensor) -> DenseOutput:
