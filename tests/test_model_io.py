@@ -280,14 +280,30 @@ def test_config_keys_and_sections_are_checked(saved_tiny, change, problem) -> No
         ),
         (
             lambda c: {**c, "text_config": {**c["text_config"], "num_hidden_layers": 40}},
-            "342 missing: language_model.model.layers.2.",
+            "it gives the language_model 40 layers, the weights hold 2",
+        ),
+        (  # refused from the headers: building 10^6 layers, even on the meta device, would take hours
+            lambda c: {**c, "text_config": {**c["text_config"], "num_hidden_layers": 1_000_000}},
+            "it gives the language_model 1000000 layers, the weights hold 2",
+        ),
+        (
+            lambda c: {**c, "vision": {**c["vision"], "num_layers": 5}},
+            "it gives the vision_tower 5 layers, the weights hold 2",
         ),
         (
             lambda c: {**c, "vision": {**c["vision"], "num_layers": 1}},
             "unexpected: vision_tower.blocks.1.",
         ),
     ],
-    ids=["lm-embed", "resampler-query", "vision-pos-embed", "more-lm-layers", "fewer-vit-layers"],
+    ids=[
+        "lm-embed",
+        "resampler-query",
+        "vision-pos-embed",
+        "more-lm-layers",
+        "absurd-lm-layers",
+        "more-vit-layers",
+        "fewer-vit-layers",
+    ],
 )
 def test_a_config_whose_sizes_disagree_with_the_weights_is_refused(saved_tiny, change, problem) -> None:
     from llava_uhd.auto import load_pretrained

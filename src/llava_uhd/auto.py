@@ -9,6 +9,7 @@ written by :func:`save_pretrained`.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,8 @@ def check_model_folder(folder: Path) -> LlavaUHDConfig:
     # ConfigError, or a value transformers refuses (a field of the wrong type, an unknown dtype name)
     except (ValueError, TypeError, AttributeError, StrictDataclassError) as exc:
         raise CheckpointError(f"{folder}: config.json {' '.join(str(exc).split())}") from None
+    shapes = _weight_shapes(folder)
+    _check_depth(folder, config, shapes)
     try:
         with torch.device("meta"):  # shapes only: nothing is allocated, whatever sizes the config claims
             model = LlavaUHDForConditionalGeneration(config)
@@ -144,10 +147,34 @@ def check_model_folder(folder: Path) -> LlavaUHDConfig:
         raise CheckpointError(
             f"{folder}: config.json describes no model that can be built ({type(exc).__name__}: {exc})"
         ) from None
-    problem = _weights_mismatch(_weight_shapes(folder), model)
+    problem = _weights_mismatch(shapes, model)
     if problem:
         raise CheckpointError(f"{folder}: the weights do not fit config.json: {problem}")
     return config
+
+
+# ``language_model.model.layers.3.mlp...``, ``vision_tower.blocks.0.attn...``: (module, layer index)
+_LAYER_NAME = re.compile(r"^(language_model|vision_tower)\.(?:.+\.)?(?:layers|blocks)\.(\d+)\.")
+
+
+def _check_depth(folder: Path, config: LlavaUHDConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The layer counts config.json claims against the layers the headers hold, before anything is built:
+    even on the meta device a config claiming 20,000 layers takes minutes to build, only to be refused."""
+    held = {"language_model": 0, "vision_tower": 0}
+    for name in shapes:
+        match = _LAYER_NAME.match(name)
+        if match:
+            held[match[1]] = max(held[match[1]], int(match[2]) + 1)
+    claimed = {
+        "language_model": getattr(config.text_config, "num_hidden_layers", None),
+        "vision_tower": config.to_preset().vision.num_layers,
+    }
+    for module, layers in claimed.items():
+        if held[module] and isinstance(layers, int) and layers > held[module]:
+            raise CheckpointError(
+                f"{folder}: the weights do not fit config.json: it gives the {module} {layers} layers, "
+                f"the weights hold {held[module]}"
+            )
 
 
 def _check_dtypes(data: dict[str, Any]) -> None:
