@@ -172,10 +172,19 @@ def _run_dense(
     torch.manual_seed(config.seed)
     model = dense_stage.build_model(preset, stage.task)
     trainable = prepare_model(model, config, stage)
+    cache = None
+    if config.cache_vision_features:  # stage0_resampler on the pages stages 1-2 read: their cached features
+        from llava_uhd.model.feature_cache import FrozenFeatureCache
+
+        cache = FrozenFeatureCache(model.vision_tower, config.feature_cache_dir).install()
     logger.info("stage %s: %d trainable tensors", stage.name, len(trainable))
     trainer = Trainer(config, model, dense_stage.build_data(config, preset.slicing))
     result = trainer.fit(resume_from=resolve_resume(config, resume))
     gathered = trainer.engine.full_state_dict()
+    if cache is not None:
+        logger.info("feature cache: %d hits, %d misses", cache.hits, cache.misses)
+        if rank == 0:
+            cache.save()
     if rank == 0:
         dense_stage.save_final(gathered, preset, output / FINAL_DIR)
     parallel.shutdown()
