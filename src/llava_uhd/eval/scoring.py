@@ -4,7 +4,8 @@ Predictions are JSONL lines ``{"question_id", "answer"}`` (``"text"``, as LLaVA'
 is read when there is no ``"answer"``); ground truth lines are ``{"question_id", "answers": [...]}`` (or
 one ``"answer"`` string) plus what the metric needs: ``category`` (MME subtask, POPE split), ``image``
 (MME pairs), ``choices`` (multiple choice). Ids are compared as strings, so ``7`` and ``"7"`` are the same
-question. A ground-truth question without a prediction scores 0 and is counted as ``missing``;
+question. A prediction line with an ``"error"`` and no answer (a question ``llava-uhd eval`` could not
+answer) counts as no prediction. A ground-truth question without a prediction scores 0 and is counted as ``missing``;
 predictions for ids not in the ground truth are counted as ``extra`` and ignored.
 """
 
@@ -99,10 +100,12 @@ def load_predictions(path: Path) -> dict[str, str]:
         where = f"predictions {path}: line {number}"
         qid = _question_id(record, where)
         answer = record.get("answer", record.get("text"))
+        ids.append((qid, f"line {number}"))
+        if answer is None and "error" in record:
+            continue  # a question the run could not answer: scored as missing
         if not isinstance(answer, str):
             shown = "missing" if answer is None else f"{type(answer).__name__}, not a string"
             raise EvalInputError(f"{where}: answer is {shown}")
-        ids.append((qid, f"line {number}"))
         predictions[str(qid)] = answer
     _no_repeats(ids, "predictions", path)
     return predictions
