@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         result = write_scores(args.output, bench.metric, items, records, load_run(args.output) or description)
         print(json.dumps(result["scores"]))
         return 1 if result["counts"]["errors"] else 0
+    if args.resume:  # before the model loads: a mismatch in the data or decoding settings is refused at once
+        check_run(args.output, description, "resume")
     model, processor = _load(args)
     slicing = processor.slicing
     description |= {

@@ -175,6 +175,7 @@ def check_run(output: Path, run: dict[str, Any], why: str) -> None:
     if recorded is None:
         return
     path = output / RUN
+    run = json.loads(json.dumps(run))  # compare as recorded: tuples read back as lists
     changed = sorted(k for k in run if recorded.get(k) != run[k])
     if changed:
         raise EvalInputError(
