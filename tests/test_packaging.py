@@ -62,7 +62,8 @@ def test_imports_are_declared() -> None:
 
 def test_every_requirement_is_used() -> None:
     assert not CORE - LIBRARY - TRAINING - INDIRECT
-    assert set(EXTRAS) == {"train", "dev", "eval"}  # no extra that installs nothing or serves code that is not here
+    # no extra that installs nothing or serves code that is not here
+    assert set(EXTRAS) == {"train", "dev", "eval"}
     assert not EXTRAS["train"] - TRAINING
     assert not EXTRAS["eval"] - LIBRARY
     assert not EXTRAS["dev"] - TOOLS - TESTS
