@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "llava_uhd"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # import name -> distribution name, where the two differ
-DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml"}
+DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "lmms_eval": "lmms-eval"}
 # imported only after checking that they work (model/roi_align.py, model/attention.py): not required
 OPTIONAL = {"torchvision", "flash_attn"}
 # required but imported by no module: transformers converts SentencePiece tokenizer files with them
@@ -54,15 +54,18 @@ TESTS = _third_party(sorted((ROOT / "tests").glob("*.py")))
 
 
 def test_imports_are_declared() -> None:
-    assert not LIBRARY - OPTIONAL - CORE, "the library imports packages it does not require"
+    # eval/lmms_eval_model.py is the lmms-eval plugin: imported by lmms-eval only, extra [eval]
+    assert not LIBRARY - OPTIONAL - CORE - EXTRAS["eval"], "the library imports packages it does not require"
     assert not TRAINING - OPTIONAL - CORE - EXTRAS["train"], "train/ imports packages outside core + [train]"
     assert not TESTS - OPTIONAL - CORE - EXTRAS["train"] - EXTRAS["dev"], "tests import undeclared packages"
 
 
 def test_every_requirement_is_used() -> None:
     assert not CORE - LIBRARY - TRAINING - INDIRECT
-    assert set(EXTRAS) == {"train", "dev"}  # no extra that installs nothing or serves code that is not here
+    # no extra that installs nothing or serves code that is not here
+    assert set(EXTRAS) == {"train", "dev", "eval"}
     assert not EXTRAS["train"] - TRAINING
+    assert not EXTRAS["eval"] - LIBRARY
     assert not EXTRAS["dev"] - TOOLS - TESTS
 
 

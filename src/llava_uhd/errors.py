@@ -52,3 +52,8 @@ class BadSampleError(LlavaUHDError, ValueError):
 class CheckpointError(LlavaUHDError, ValueError):
     """Weights or a training checkpoint cannot be read or do not fit: missing or unexpected keys, wrong
     shapes, no files, an incomplete checkpoint, or one saved with another world size or batch geometry."""
+
+
+class EvalInputError(LlavaUHDError, ValueError):
+    """Benchmark data or predictions cannot be scored: a malformed or unreadable file, a repeated id, a
+    field a metric needs missing or of the wrong kind (e.g. a VQA question without exactly ten answers)."""
