@@ -48,21 +48,32 @@ def _third_party(files: list[Path]) -> set[str]:
     }
 
 
-LIBRARY = _third_party([p for p in PACKAGE.rglob("*.py") if "train" not in p.relative_to(PACKAGE).parts])
+LIBRARY = _third_party(
+    [
+        p
+        for p in PACKAGE.rglob("*.py")
+        if not {"train", "serve"} & set(p.relative_to(PACKAGE).parts)
+        and p != PACKAGE / "commands" / "serve.py"
+    ]
+)
 TRAINING = _third_party(sorted((PACKAGE / "train").rglob("*.py")))
+SERVING = _third_party(sorted((PACKAGE / "serve").rglob("*.py")) + [PACKAGE / "commands" / "serve.py"])
 TESTS = _third_party(sorted((ROOT / "tests").glob("*.py")))
 
 
 def test_imports_are_declared() -> None:
     assert not LIBRARY - OPTIONAL - CORE, "the library imports packages it does not require"
     assert not TRAINING - OPTIONAL - CORE - EXTRAS["train"], "train/ imports packages outside core + [train]"
-    assert not TESTS - OPTIONAL - CORE - EXTRAS["train"] - EXTRAS["dev"], "tests import undeclared packages"
+    assert not SERVING - OPTIONAL - CORE - EXTRAS["serve"], "serve/ imports packages outside core + [serve]"
+    tests_may_use = CORE | EXTRAS["train"] | EXTRAS["dev"] | EXTRAS["serve"]
+    assert not TESTS - OPTIONAL - tests_may_use, "tests import undeclared packages"
 
 
 def test_every_requirement_is_used() -> None:
     assert not CORE - LIBRARY - TRAINING - INDIRECT
-    assert set(EXTRAS) == {"train", "dev"}  # no extra that installs nothing or serves code that is not here
+    assert set(EXTRAS) == {"train", "dev", "serve"}  # no extra that installs nothing or serves no code
     assert not EXTRAS["train"] - TRAINING
+    assert not EXTRAS["serve"] - SERVING
     assert not EXTRAS["dev"] - TOOLS - TESTS
 
 
