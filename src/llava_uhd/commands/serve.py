@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from llava_uhd.errors import ConfigError
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         allow_remote_images=args.allow_remote_images,
     )
     app = create_app(engine, batcher, api_key=api_key)
+    print(f"llava-uhd serve: {engine.name} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
