@@ -12,7 +12,18 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llava_uhd"
 
-_ABOVE_PROCESSING = {"processing", "model", "data", "train", "inference", "eval", "cli", "commands", "auto"}
+_ABOVE_PROCESSING = {
+    "processing",
+    "model",
+    "data",
+    "train",
+    "inference",
+    "eval",
+    "cli",
+    "commands",
+    "auto",
+    "serve",
+}
 
 # top-level part (or a dotted module below it) -> parts of llava_uhd it must never import
 FORBIDDEN: dict[str, set[str]] = {
@@ -33,12 +44,15 @@ FORBIDDEN: dict[str, set[str]] = {
     "templates": {"slicing", "layout", "budget", "tokens", "images", *_ABOVE_PROCESSING},
     "tokens": _ABOVE_PROCESSING,
     "images": _ABOVE_PROCESSING,
-    "processing": {"model", "data", "train", "inference", "eval", "cli", "commands", "auto"},
-    "model": {"processing", "data", "train", "inference", "eval", "cli", "commands", "auto"},
+    "processing": {"model", "data", "train", "inference", "eval", "cli", "commands", "auto", "serve"},
+    "model": {"processing", "data", "train", "inference", "eval", "cli", "commands", "auto", "serve"},
     "data": {"model", "train", "inference", "eval", "cli", "commands"},
     # inference prepares its inputs through the processor, as training does, never through data/
-    "inference": {"data", "train", "cli", "commands"},
+    "inference": {"data", "train", "cli", "commands", "serve"},
     "commands.ask": {"data", "train"},
+    # the server builds on inference only: no training data, no training code, no evaluation
+    "serve": {"data", "train", "eval", "cli", "commands"},
+    "commands.serve": {"data", "train", "eval"},
     "eval": {"train", "cli", "commands"},
     "tokenizers": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
     "train": {"cli", "commands"},
@@ -103,6 +117,7 @@ def test_import_collection_sees_lazy_and_relative_imports():
 def test_the_package_has_modules():
     assert {"config", "slicing", "layout", "templates", "tokens", "cli"} <= {_part(p) for p in MODULES}
     assert "commands.ask" in {_dotted(p) for p in MODULES}
+    assert {"serve.app", "serve.engine", "commands.serve"} <= {_dotted(p) for p in MODULES}
 
 
 def test_a_module_rule_adds_to_its_part_rule():

@@ -39,7 +39,7 @@ from llava_uhd.model.vision import VisionTransformer
 # Token id that stands in for a placeholder in the embedding lookup; its embedding is overwritten.
 PLACEHOLDER_LOOKUP_ID = 0
 # Keys of a processor's output that describe images rather than text rows (never expanded per row).
-VISUAL_KEYS = ("pixel_values", "piece_grids", "pieces_per_image")
+VISUAL_KEYS = ("pixel_values", "piece_grids", "pieces_per_image", "image_features")
 
 
 class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -112,14 +112,21 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         piece_grids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) embeddings with every placeholder replaced by its piece's features.
 
         Placeholder ids are looked up as id 0 (so the vocabulary is never resized) and then overwritten.
+        ``image_features`` (N, Q, D), the output of :meth:`encode_pieces` computed earlier (an image-feature
+        cache), stands in for ``pixel_values`` and ``piece_grids``.
         """
         image_mask = self._placeholder_mask(input_ids)  # (B, T)
         embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, PLACEHOLDER_LOOKUP_ID))
         num_placeholders = int(image_mask.sum())
+        if image_features is not None:
+            if pixel_values is not None:
+                raise ModelInputError("give image_features or pixel_values, not both")
+            return self._fill_placeholders(embeds, image_mask, image_features)
         has_images = pixel_values is not None and pixel_values.numel() > 0
         if not has_images:
             if num_placeholders:
@@ -130,7 +137,13 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
             return embeds
         if piece_grids is None:
             raise ModelInputError("pixel_values were given without piece_grids (N, 2)")
-        features = self.encode_pieces(pixel_values, piece_grids)  # (N, Q, D)
+        return self._fill_placeholders(embeds, image_mask, self.encode_pieces(pixel_values, piece_grids))
+
+    def _fill_placeholders(
+        self, embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, T, D) embeddings with the (B, T) mask's positions replaced by (N, Q, D) features in order."""
+        num_placeholders = int(image_mask.sum())
         num_features = features.shape[0] * features.shape[1]
         if num_placeholders != num_features:
             raise PlaceholderMismatchError(
@@ -161,20 +174,22 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         pieces_per_image: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Fill the placeholders of ``input_ids`` with the pieces' features, then run the language model.
 
         ``labels`` (B, T) use -100 for positions without loss; the LM shifts them. ``cache`` (also accepted
         as ``past_key_values``) is the LM's KV cache. ``pieces_per_image`` comes with the processor's
-        output and is not needed here (placeholders and pieces are in the same order).
+        output and is not needed here (placeholders and pieces are in the same order). ``image_features``
+        (N, Q, D) replaces ``pixel_values`` and ``piece_grids`` with pieces encoded earlier.
         """
         past = cache if cache is not None else kwargs.pop("past_key_values", None)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ModelInputError("forward needs input_ids or inputs_embeds")
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, piece_grids)
-        elif pixel_values is not None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, piece_grids, image_features)
+        elif pixel_values is not None or image_features is not None:
             raise ModelInputError(
                 "give pixel_values with input_ids (placeholders are found by id), not with inputs_embeds"
             )
@@ -197,6 +212,7 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         piece_grids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
@@ -208,6 +224,8 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if is_first_iteration or not kwargs.get("use_cache", True):
             inputs["pixel_values"] = pixel_values
             inputs["piece_grids"] = piece_grids
+            if image_features is not None:
+                inputs["image_features"] = image_features
         return inputs
 
     def _expand_inputs_for_generation(
@@ -227,6 +245,10 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
             visual["pixel_values"], visual["piece_grids"] = self._expand_pieces(
                 input_ids, visual["pixel_values"], visual["piece_grids"], expand_size
             )
+        if expand_size > 1 and visual["image_features"] is not None and input_ids is not None:
+            visual["image_features"] = visual["image_features"][
+                self._piece_order(input_ids, visual["image_features"].shape[0], expand_size)
+            ]
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size,
             is_encoder_decoder=is_encoder_decoder,
@@ -240,18 +262,20 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, piece_grids: torch.Tensor, times: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pieces of row b repeated ``times`` times in a row, rows in order; patches follow their pieces."""
+        piece_order = self._piece_order(input_ids, piece_grids.shape[0], times)
+        patch_order = gather_segments(piece_grids[:, 0] * piece_grids[:, 1], piece_order)
+        return pixel_values[patch_order], piece_grids[piece_order]
+
+    def _piece_order(self, input_ids: torch.Tensor, num_pieces: int, times: int) -> torch.Tensor:
+        """(N * times,) index into the N pieces: each row's pieces as a block, the block repeated in a row."""
         pieces_per_row = self._placeholder_mask(input_ids).sum(dim=1) // self.num_queries  # (B,)
-        num_pieces = piece_grids.shape[0]
         if int(pieces_per_row.sum()) != num_pieces:
             raise PlaceholderMismatchError(
                 f"the text's placeholders make {int(pieces_per_row.sum())} pieces of {self.num_queries} tokens "
-                f"but piece_grids has {num_pieces}"
+                f"but the images have {num_pieces}"
             )
         rows = torch.arange(pieces_per_row.numel(), device=pieces_per_row.device)
-        # (N * times,) index into the N pieces: each row's pieces as a block, the block repeated in a row
-        piece_order = gather_segments(pieces_per_row, rows.repeat_interleave(times))
-        patch_order = gather_segments(piece_grids[:, 0] * piece_grids[:, 1], piece_order)
-        return pixel_values[patch_order], piece_grids[piece_order]
+        return gather_segments(pieces_per_row, rows.repeat_interleave(times))
 
 
 def _cache_argument(language_model: nn.Module) -> str:
