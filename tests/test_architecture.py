@@ -39,6 +39,7 @@ FORBIDDEN: dict[str, set[str]] = {
     # inference prepares its inputs through the processor, as training does, never through data/
     "inference": {"data", "train", "cli", "commands"},
     "commands.ask": {"data", "train"},
+    "commands.chat": {"data", "train"},
     "eval": {"train", "cli", "commands"},
     "tokenizers": {"processing", "model", "data", "train", "inference", "eval", "cli", "commands"},
     "train": {"cli", "commands"},

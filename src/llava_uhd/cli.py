@@ -16,7 +16,7 @@ from llava_uhd.errors import LlavaUHDError
 
 # Subcommands, each a module under llava_uhd.commands with HELP, add_arguments(parser) and run(args) -> int.
 # Only the chosen command's module is imported (and each imports torch inside run), so `plan` starts fast.
-COMMANDS: tuple[str, ...] = ("plan", "slice", "demo", "train", "convert", "ask", "batch", "synthdoc")
+COMMANDS: tuple[str, ...] = ("plan", "slice", "demo", "train", "convert", "ask", "batch", "synthdoc", "chat")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -76,18 +76,19 @@ def plan_record(plan: SlicePlan, preset: Preset) -> dict[str, Any]:
 
 
 def prompt_plan_text(
-    names: Sequence[str], plans: Sequence[SlicePlan], preset: Preset, prompt: EncodedSample
+    names: Sequence[str], plans: Sequence[SlicePlan], preset: Preset, prompt: EncodedSample | None
 ) -> str:
-    """Each image's plan as ``plan`` prints it, then the token counts of ``prompt`` (``ask --show-plan``,
-    the chat's ``/plan``). ``plans`` are those the model gets (the processor's, token budget applied)."""
+    """Each image's plan as ``plan`` prints it, then the token counts of ``prompt`` if given (``ask
+    --show-plan``, the chat's ``/plan``). ``plans`` are those the model gets (token budget applied)."""
     lines = [
         _describe(name, plan_record(plan, preset), plan, preset)
         for name, plan in zip(names, plans, strict=True)
     ]
-    lines.append(
-        f"prompt: {len(prompt.input_ids)} tokens "
-        f"({prompt.num_visual_tokens} visual, {prompt.num_text_tokens} text)"
-    )
+    if prompt is not None:
+        lines.append(
+            f"prompt: {len(prompt.input_ids)} tokens "
+            f"({prompt.num_visual_tokens} visual, {prompt.num_text_tokens} text)"
+        )
     return "\n".join(lines)
 
 
