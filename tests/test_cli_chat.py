@@ -15,6 +15,7 @@ import torch
 from llava_uhd import auto
 from llava_uhd.bundled import bundled_model_dir
 from llava_uhd.cli import main
+from llava_uhd.errors import LlavaUHDError
 from llava_uhd.inference.chat import ChatSession
 from llava_uhd.inference.generate import GenerationOptions, answer, answer_prepared, seeded
 from llava_uhd.inference.streaming import TextStream
@@ -116,7 +117,7 @@ def test_each_turn_prompt_is_the_training_render_of_the_conversation(bundled, pa
     assert training.input_ids[: len(prompt.input_ids)] == prompt.input_ids
     # the earlier answers are training targets, the open one's tokens follow the prompt
     assert training.labels[len(prompt.input_ids)] != IGNORE_INDEX
-    with pytest.raises(Exception, match="only the first question of a conversation may hold <image>"):
+    with pytest.raises(LlavaUHDError, match="only the first question of a conversation may hold <image>"):
         session.ask(f"{IMAGE_TOKEN} again?")
     assert len(session.turns) == 4  # a refused question leaves the conversation as it was
 
@@ -219,7 +220,7 @@ def test_text_only_chat_and_a_conversation_too_long_for_the_model(bundled):
     model, processor = bundled
     session = ChatSession(model, processor, GenerationOptions(max_new_tokens=2))
     assert isinstance(session.ask("Hello?"), str) and session.last_prompt.num_visual_tokens == 0
-    with pytest.raises(Exception, match=r"the conversation is \d+ tokens and the model's limit is 1024"):
+    with pytest.raises(LlavaUHDError, match=r"the conversation is \d+ tokens and the model's limit is 1024"):
         session.ask("word " * 1100)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from llava_uhd.commands._common import add_decoding_arguments, decoding_options
+from llava_uhd.commands.ask import DTYPES
 from llava_uhd.errors import LlavaUHDError
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=DTYPES,
         default="auto",
         help="weights' dtype: auto (default) is bfloat16 on a GPU that supports it, float32 otherwise",
     )
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     session = ChatSession(model, processor, options)
     if args.image is not None:
         session.set_image(args.image)
+    if sys.stdin.isatty():
+        _say(f"about {args.image or 'no image (text only)'}; /help for the commands")
     for line in _lines(sys.stdin):
         line = line.strip()
         if not line:
