@@ -50,6 +50,7 @@ FORBIDDEN: dict[str, set[str]] = {
     # inference prepares its inputs through the processor, as training does, never through data/
     "inference": {"data", "train", "cli", "commands", "serve"},
     "commands.ask": {"data", "train"},
+    "commands.chat": {"data", "train"},
     # the server builds on inference only: no training data, no training code, no evaluation
     "serve": {"data", "train", "eval", "cli", "commands"},
     "commands.serve": {"data", "train", "eval"},

@@ -17,7 +17,7 @@ from llava_uhd.errors import LlavaUHDError
 # Subcommands, each a module under llava_uhd.commands with HELP, add_arguments(parser) and run(args) -> int.
 # Only the chosen command's module is imported (and each imports torch inside run), so `plan` starts fast.
 COMMANDS: tuple[str, ...] = (
-    "plan", "slice", "demo", "train", "convert", "ask", "batch", "synthdoc", "score", "eval", "serve",
+    "plan", "slice", "demo", "train", "convert", "ask", "batch", "chat", "synthdoc", "score", "eval", "serve",
 )  # fmt: skip
 
 

@@ -57,13 +57,15 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    """Generation flags shared by ``ask`` and ``batch`` (checked by ``GenerationOptions``)."""
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (256)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature (0: no sampling)"
+    """Generation flags shared by ``ask``, ``batch`` and ``chat`` (checked by ``GenerationOptions``)."""
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (256)")
+    group.add_argument("--num-beams", "--beams", type=int, default=1, help="beam search width (1: greedy)")
+    group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: no sampling)")
+    group.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature")
+    group.add_argument(
+        "--seed", type=int, default=None, help="seed of the sampling draws: the same seed, the same answer"
     )
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature")
 
 
 def decoding_options(args: argparse.Namespace) -> dict[str, object]:
@@ -73,6 +75,7 @@ def decoding_options(args: argparse.Namespace) -> dict[str, object]:
         "num_beams": args.num_beams,
         "temperature": args.temperature,
         "top_p": args.top_p,
+        "seed": args.seed,
     }
 
 

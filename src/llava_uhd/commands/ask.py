@@ -3,7 +3,8 @@
 ``llava-uhd ask --model DIR --image IMG "question"`` loads DIR (written by ``save_pretrained`` or by
 ``llava-uhd convert``; without ``--model``, the bundled synthdoc model), slices the images with the slicing
 saved in DIR (official-v1's after conversion), and prints only the answer. ``--image`` may be repeated; the
-images go before the question, in order.
+images go before the question, in order. ``--show-plan`` prints each image's slice plan and the prompt's
+token counts on stderr.
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights' dtype: auto (default) is bfloat16 on a GPU that supports it, float32 otherwise",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object with the answer")
+    parser.add_argument(
+        "--show-plan", action="store_true", help="print the slice plan and token counts on stderr"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from llava_uhd.auto import load_pretrained
     from llava_uhd.bundled import model_dir
-    from llava_uhd.inference.generate import GenerationOptions, answer
+    from llava_uhd.commands.plan import prompt_plan_text
+    from llava_uhd.inference.generate import GenerationOptions, answer_prepared, prompt_inputs
 
     # every input is checked before the (slow) model load
     options = GenerationOptions(**decoding_options(args))
@@ -59,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
     folder = model_dir(args.model)
     device = _device(args.device)
     model, processor = load_pretrained(folder, device=device, dtype=_dtype(args.dtype, device))
-    text = answer(model, processor, images, args.question, **vars(options))
+    prepared = prompt_inputs(processor, images, args.question, model.config.template)
+    if args.show_plan:
+        plan = prompt_plan_text(images, prepared.images.plans, processor.preset, prepared.text)
+        sys.stderr.write(plan + "\n")
+    text = answer_prepared(model, processor, prepared, options)
     if args.json:
         record = {"model": str(folder), "images": images, "question": args.question, "answer": text}
         sys.stdout.write(json.dumps(record) + "\n")

@@ -10,6 +10,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from llava_uhd.commands._common import add_preset_arguments, preset_from_args
@@ -17,6 +18,7 @@ from llava_uhd.config import Preset
 from llava_uhd.errors import LlavaUHDError
 from llava_uhd.layout import layout_string, visual_token_count
 from llava_uhd.slicing import SlicePlan, plan_slices
+from llava_uhd.tokens import EncodedSample
 
 HELP = "show how images are sliced (grid, slice and overview sizes, token counts)"
 
@@ -71,6 +73,23 @@ def plan_record(plan: SlicePlan, preset: Preset) -> dict[str, Any]:
         assert plan.pre_resized is not None
         record["pre_resized"] = {"width": plan.pre_resized.width, "height": plan.pre_resized.height}
     return record
+
+
+def prompt_plan_text(
+    names: Sequence[str], plans: Sequence[SlicePlan], preset: Preset, prompt: EncodedSample | None
+) -> str:
+    """Each image's plan as ``plan`` prints it, then the token counts of ``prompt`` if given (``ask
+    --show-plan``, the chat's ``/plan``). ``plans`` are those the model gets (token budget applied)."""
+    lines = [
+        _describe(name, plan_record(plan, preset), plan, preset)
+        for name, plan in zip(names, plans, strict=True)
+    ]
+    if prompt is not None:
+        lines.append(
+            f"prompt: {len(prompt.input_ids)} tokens "
+            f"({prompt.num_visual_tokens} visual, {prompt.num_text_tokens} text)"
+        )
+    return "\n".join(lines)
 
 
 def _add_flops(record: dict[str, Any], plan: SlicePlan, preset: Preset, text_tokens: int) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from llava_uhd.errors import LlavaUHDError
 from llava_uhd.images import ImageSource
-from llava_uhd.inference.generate import GenerationOptions, question_turns
+from llava_uhd.inference.generate import GenerationOptions, question_turns, seeded
 from llava_uhd.tokens import pad_token_id
 
 
@@ -47,7 +47,8 @@ def answer_batch(
     max_slices: int | None = None,
     **options: Any,
 ) -> list[Answer]:
-    """Answer ``requests`` in one generate call; ``options`` are :class:`GenerationOptions` fields.
+    """Answer ``requests`` in one generate call; ``options`` are :class:`GenerationOptions` fields (a
+    ``seed`` seeds this call, so a batch's sampled answers repeat for the same batch).
 
     Each request is prepared by the processor's one primitive (as training prepares a sample), then the
     batch is left-padded. ``max_slices`` caps the slices of every image (1: the overview alone). A request
@@ -75,7 +76,7 @@ def answer_batch(
         live.append(i)
     if live:
         inputs = {k: v.to(model.device) for k, v in processor.batch_inputs(prepared).items()}
-        with torch.inference_mode():
+        with torch.inference_mode(), seeded(settings.seed, model.device):
             output = model.generate(
                 **inputs,
                 **settings.generate_kwargs(),

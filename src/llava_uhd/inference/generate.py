@@ -11,7 +11,8 @@ prompt, pixels and grids are what the model was trained on. Load a folder with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,17 +24,25 @@ from llava_uhd.templates import IMAGE_TOKEN, Turn, get_template
 from llava_uhd.tokens import pad_token_id
 
 if TYPE_CHECKING:
+    from transformers.generation.streamers import BaseStreamer
+
     from llava_uhd.processing import LlavaUHDProcessor, PreparedConversation
+
+
+# torch.manual_seed accepts seeds below 2**64; keep to what every RNG (and JSON) takes as an int.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Decoding settings. ``temperature`` 0 decodes greedily (or by beam search with ``num_beams`` > 1)."""
+    """Decoding settings. ``temperature`` 0 decodes greedily (or by beam search with ``num_beams`` > 1);
+    ``seed`` makes sampling reproducible: each generate call draws from a generator seeded with it."""
 
     max_new_tokens: int = 256
     num_beams: int = 1
     temperature: float = 0.0
     top_p: float | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -44,9 +53,11 @@ class GenerationOptions:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model.generate``."""
+        """Keyword arguments for ``model.generate`` (the seed is applied around the call, :func:`seeded`)."""
         sample = self.temperature > 0
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
@@ -58,6 +69,44 @@ class GenerationOptions:
             if self.top_p is not None:
                 kwargs["top_p"] = self.top_p
         return kwargs
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's RNG (CPU, and ``device``'s if it is a GPU) seeded with ``seed``, then put
+    the caller's RNG state back; nothing changes when ``seed`` is None. ``generate`` samples from the
+    global generator, so this is how a seed reaches it without leaking into the caller's randomness."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def generate_text(
+    model: Any,
+    tokenizer: Any,
+    inputs: dict[str, torch.Tensor],
+    settings: GenerationOptions,
+    streamer: BaseStreamer | None = None,
+) -> str:
+    """Generate from the model inputs of one prompt and decode the new tokens (special tokens dropped).
+
+    ``inputs`` are on the model's device: the processor's keys, or ``inputs_embeds`` and
+    ``attention_mask`` (generate then returns only the new tokens). ``streamer`` receives the tokens as
+    they come (greedy or sampling only: transformers streams no beam search).
+    """
+    prompt_length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+    with torch.inference_mode(), seeded(settings.seed, model.device):
+        output = model.generate(
+            **inputs,
+            **settings.generate_kwargs(),
+            pad_token_id=pad_token_id(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
+        )
+    return tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
 
 
 def question_turns(question: str, num_images: int) -> list[Turn]:
@@ -99,19 +148,17 @@ def answer(
     """Answer ``question`` about ``images`` (one source or a list: paths, bytes, PIL images, arrays).
 
     ``options`` are :class:`GenerationOptions` fields (``max_new_tokens``, ``num_beams``, ``temperature``,
-    ``top_p``). Returns the generated text without the prompt and special tokens.
+    ``top_p``, ``seed``). Returns the generated text without the prompt and special tokens.
     """
     settings = GenerationOptions(**options)
     sources = list(images) if isinstance(images, list | tuple) else [images]
-    tokenizer = processor.tokenizer
     prepared = prompt_inputs(processor, sources, question, model.config.template)
+    return answer_prepared(model, processor, prepared, settings)
+
+
+def answer_prepared(
+    model: Any, processor: LlavaUHDProcessor, prepared: PreparedConversation, settings: GenerationOptions
+) -> str:
+    """The answer to a conversation already prepared up to its open answer (:func:`prompt_inputs`)."""
     inputs = {k: v.to(model.device) for k, v in prepared.model_inputs().items()}
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs,
-            **settings.generate_kwargs(),
-            pad_token_id=pad_token_id(tokenizer),
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    return generate_text(model, processor.tokenizer, inputs, settings)

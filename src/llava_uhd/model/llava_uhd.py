@@ -116,34 +116,36 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) embeddings with every placeholder replaced by its piece's features.
 
-        Placeholder ids are looked up as id 0 (so the vocabulary is never resized) and then overwritten.
         ``image_features`` (N, Q, D), the output of :meth:`encode_pieces` computed earlier (an image-feature
         cache), stands in for ``pixel_values`` and ``piece_grids``.
+        """
+        if image_features is not None:
+            if pixel_values is not None:
+                raise ModelInputError("give image_features or pixel_values, not both")
+            return self.embed_with_features(input_ids, image_features)
+        has_images = pixel_values is not None and pixel_values.numel() > 0
+        if has_images and piece_grids is None:
+            raise ModelInputError("pixel_values were given without piece_grids (N, 2)")
+        features = self.encode_pieces(pixel_values, piece_grids) if has_images else None
+        return self.embed_with_features(input_ids, features)
+
+    def embed_with_features(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) ids and the (N, Q, D) output of :meth:`encode_pieces` (None: no images) -> (B, T, D).
+
+        The step of :meth:`embed_inputs` after the vision encoding, for callers that keep an image's
+        features across requests (a chat encodes its image once). Placeholder ids are looked up as id 0
+        (so the vocabulary is never resized) and then overwritten.
         """
         image_mask = self._placeholder_mask(input_ids)  # (B, T)
         embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, PLACEHOLDER_LOOKUP_ID))
         num_placeholders = int(image_mask.sum())
-        if image_features is not None:
-            if pixel_values is not None:
-                raise ModelInputError("give image_features or pixel_values, not both")
-            return self._fill_placeholders(embeds, image_mask, image_features)
-        has_images = pixel_values is not None and pixel_values.numel() > 0
-        if not has_images:
+        if features is None:
             if num_placeholders:
                 raise PlaceholderMismatchError(
                     f"the text has {num_placeholders} image placeholder tokens (id {self.config.image_token_id}) "
                     "but no pixel_values were given (0 features)"
                 )
             return embeds
-        if piece_grids is None:
-            raise ModelInputError("pixel_values were given without piece_grids (N, 2)")
-        return self._fill_placeholders(embeds, image_mask, self.encode_pieces(pixel_values, piece_grids))
-
-    def _fill_placeholders(
-        self, embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor
-    ) -> torch.Tensor:
-        """(B, T, D) embeddings with the (B, T) mask's positions replaced by (N, Q, D) features in order."""
-        num_placeholders = int(image_mask.sum())
         num_features = features.shape[0] * features.shape[1]
         if num_placeholders != num_features:
             raise PlaceholderMismatchError(
@@ -214,12 +216,17 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         piece_grids: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """The LM's step inputs; images only on the prefill step (later steps reuse the KV cache)."""
+        """The LM's step inputs; images only on the prefill step (later steps reuse the KV cache).
+
+        ``inputs_embeds`` (from :meth:`embed_with_features`) replace the prompt's ids on the prefill step;
+        naming it here is how ``generate`` learns that this model accepts it.
+        """
         kwargs.pop("pieces_per_image", None)
         inputs = super().prepare_inputs_for_generation(
-            input_ids, is_first_iteration=is_first_iteration, **kwargs
+            input_ids, is_first_iteration=is_first_iteration, inputs_embeds=inputs_embeds, **kwargs
         )
         if is_first_iteration or not kwargs.get("use_cache", True):
             inputs["pixel_values"] = pixel_values
