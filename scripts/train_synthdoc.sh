@@ -32,9 +32,12 @@ DATA=$RUNS/data/train
   --kinds qa qa qa --colour-jitter 12 --json-name stage2.json
 
 common=(--set "data.image_folder=$DATA/images" --set "feature_cache_dir=$RUNS/feature-cache")
-# stage 1: captions align the resampler (and teach the fresh LM its words); stage 2: the questions
+# the resampler learns to keep what the frozen tower reads (the same pages; fills the feature cache)
+train configs/synthdoc/stage0-resampler.yaml stage0-resampler --set "model.init_from=$RUNS/stage0/final" \
+  --set "feature_cache_dir=$RUNS/feature-cache"
+# stage 1: captions align the resampler to the fresh LM (and teach it its words); stage 2: the questions
 train configs/synthdoc/stage1.yaml stage1 --set "model.tokenizer=$RUNS/tokenizer" \
-  --set "model.init_from=$RUNS/stage0/final" --set "data.train=$DATA/stage1.json" "${common[@]}"
+  --set "model.init_from=$RUNS/stage0-resampler/final" --set "data.train=$DATA/stage1.json" "${common[@]}"
 train configs/synthdoc/stage2.yaml stage2 --set "model.pretrained=$RUNS/stage1/final" \
   --set "data.train=$DATA/stage2.json" "${common[@]}"
 echo "== done: $RUNS/stage2/final"
