@@ -28,33 +28,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 # How many offending tensor names a refusal lists per kind (the count is always given).
 _NAMES_SHOWN = 3
 
-# Loading options AutoProcessor adds for hub downloads; a saved processor folder is local and needs none.
-HUB_LOADING_OPTIONS = frozenset(
-    {
-        "_from_auto",
-        "_commit_hash",
-        "revision",
-        "cache_dir",
-        "token",
-        "local_files_only",
-        "trust_remote_code",
-        "subfolder",
-        "force_download",
-        "proxies",
-    }
-)
-
-
-class _ProcessorLoader:
-    """What ``AutoProcessor.from_pretrained`` calls: the processor's own loader minus the hub options."""
-
-    @staticmethod
-    def from_pretrained(folder: str | Path, **options: Any) -> LlavaUHDProcessor:
-        kept = {key: value for key, value in options.items() if key not in HUB_LOADING_OPTIONS}
-        return LlavaUHDProcessor.from_pretrained(folder, **kept)
-
-
-AutoProcessor.register(LlavaUHDConfig, _ProcessorLoader, exist_ok=True)
+AutoProcessor.register(LlavaUHDConfig, LlavaUHDProcessor, exist_ok=True)
 
 
 def save_pretrained(
