@@ -48,11 +48,19 @@ from llava_uhd.image_processing import ImageBatch, LlavaUHDImageProcessor
 from llava_uhd.images import ImageSource
 from llava_uhd.pixels import ResizeMode
 from llava_uhd.slicing import SlicePlan, overview_plan
-from llava_uhd.templates import IMAGE_TOKEN, Template, Turn, get_template
+from llava_uhd.templates import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    MalformedConversationError,
+    Template,
+    Turn,
+    get_template,
+)
 from llava_uhd.tokenizers import load_tokenizer_folder
 from llava_uhd.tokens import (
     EncodedSample,
     encode_conversation,
+    encode_text,
     expand_image_tokens,
     image_layout_ids,
     pad_token_id,
@@ -439,9 +447,9 @@ class LlavaUHDProcessor(ProcessorMixin):
         bytes, base64) is what that placeholder shows. Without ``tokenize`` the prompt text is returned
         (a list for a batch). With it, a conversation ending in a user turn with
         ``add_generation_prompt``, or in an assistant turn without, is made by :meth:`prepare` in the
-        preset's template: the ids training renders for it, with its pixels and piece grids. Other cases
-        (``continue_final_message``, another ``chat_template``) tokenize the rendered text with
-        :meth:`__call__`. A batch is padded on the left for a generation prompt, else on the processor's
+        preset's template: the ids training renders for it, with its pixels and piece grids;
+        ``continue_final_message`` appends the rendered start of the last answer to the prompt before it.
+        Another ``chat_template`` tokenizes the rendered text with :meth:`__call__`, as transformers does. A batch is padded on the left for a generation prompt, else on the processor's
         side. ``processor_kwargs`` may hold ``max_slices``, ``max_visual_tokens``, ``padding_side``.
 
         Returns:
@@ -477,32 +485,54 @@ class LlavaUHDProcessor(ProcessorMixin):
         if not tokenize:
             return prompts if batched else prompts[0]
         parsed = [messages_to_turns(messages, self.image_token) for messages in conversations]
-        # prepare() renders a generation prompt after a user turn, or a whole conversation
-        trained_form = all(
-            turns and (turns[-1].role == "assistant") != add_generation_prompt for turns, _ in parsed
-        )
-        if custom or continue_final_message or not trained_form:
-            features = self._tokenize_rendered(prompts, [images for _, images in parsed], custom, options)
-        else:
-            side = options.pop("padding_side", "left" if add_generation_prompt else self.padding_side)
-            prepared = [
-                self.prepare(turns, images, generation_prompt=add_generation_prompt, **options)
-                for turns, images in parsed
-            ]
-            features = BatchFeature(data=self.batch_inputs(prepared, side))
-        return features if return_dict else features["input_ids"]
-
-    def _tokenize_rendered(
-        self, prompts: list[str], images: list[list[ImageSource]], custom: bool, options: dict[str, Any]
-    ) -> BatchFeature:
-        """Rendered prompts through :meth:`__call__`: with a BOS the tokenizer adds as the preset's template
-        does (another template: unless the text starts with it, as transformers decides)."""
-        if custom:
+        if custom:  # another template: tokenized as transformers does, BOS unless the text starts with it
             bos = self.tokenizer.bos_token
             special = not (bos is not None and prompts[0].startswith(bos))
-        else:
-            special = get_template(self.preset.template).add_bos
-        return self(prompts, images, add_special_tokens=special, **options)
+            features = self(prompts, [images for _, images in parsed], add_special_tokens=special, **options)
+            return features if return_dict else features["input_ids"]
+        side = options.pop("padding_side", "left" if add_generation_prompt else self.padding_side)
+        prepared = [
+            self._prepare_messages(
+                turns, images, prompt, add_generation_prompt, continue_final_message, options
+            )
+            for (turns, images), prompt in zip(parsed, prompts, strict=True)
+        ]
+        features = BatchFeature(data=self.batch_inputs(prepared, side))
+        return features if return_dict else features["input_ids"]
+
+    def _prepare_messages(
+        self,
+        turns: list[Turn],
+        images: list[ImageSource],
+        rendered: str,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        options: dict[str, Any],
+    ) -> PreparedConversation:
+        """One conversation through :meth:`prepare`: a generation prompt after a user turn, a whole
+        conversation, or (``continue_final_message``) the prompt before the last answer followed by the
+        rendered start of that answer, tokenized as a continuation."""
+        if continue_final_message:
+            if not turns or turns[-1].role != "assistant":
+                raise MalformedConversationError("continue_final_message needs a final assistant message")
+            prompt = self.prepare(turns[:-1], images, generation_prompt=True, **options)
+            opened = get_template(self.preset.template).generation_prompt(turns[:-1], self.tokenizer)
+            if not rendered.startswith(opened):
+                raise MalformedConversationError(
+                    "the chat template does not render the final message after the prompt before it"
+                )
+            tail = encode_text(
+                self.tokenizer, rendered[len(opened) :], at_start=False, anchor=self.image_token
+            )
+            ids = [*prompt.text.input_ids, *tail]
+            text = EncodedSample(ids, [IGNORE_INDEX] * len(ids), prompt.text.visual_spans)
+            return PreparedConversation(text, prompt.images)
+        if not turns or (turns[-1].role == "assistant") == add_generation_prompt:
+            raise MalformedConversationError(
+                "end the messages with a user turn and set add_generation_prompt (a prompt to answer), "
+                "end them with an assistant turn (a whole conversation), or set continue_final_message"
+            )
+        return self.prepare(turns, images, generation_prompt=add_generation_prompt, **options)
 
     def to_dict(self) -> dict[str, Any]:
         """The processor's settings as JSON-ready data (the saved files hold the same)."""
