@@ -7,6 +7,7 @@ import base64
 import copy
 import dataclasses
 import io
+import shutil
 import threading
 
 import pytest
@@ -205,10 +206,11 @@ def test_saved_folder_holds_the_chat_template_and_loads_through_auto_processor(b
     )
 
 
-def test_a_folder_saved_before_chat_templates_loads_with_the_presets_template() -> None:
-    folder = bundled_model_dir()
-    assert not (folder / CHAT_TEMPLATE_FILE).exists()
-    processor = LlavaUHDProcessor.from_pretrained(folder)
+def test_a_folder_saved_before_chat_templates_loads_with_the_presets_template(tmp_path) -> None:
+    for source in bundled_model_dir().iterdir():  # the older layout: no chat template, no processor config
+        if source.name not in (CHAT_TEMPLATE_FILE, PROCESSOR_CONFIG_FILE, "model.safetensors"):
+            shutil.copy(source, tmp_path / source.name)
+    processor = LlavaUHDProcessor.from_pretrained(tmp_path)
     assert processor.chat_template.startswith('{%- set IMAGE = "<image>"')
     assert not processor.custom_chat_template
 
@@ -280,3 +282,35 @@ def test_the_image_processor_alone_plans_each_image(llama_tokenizer, folder) -> 
     buffer = io.BytesIO()
     Image.new("RGB", (40, 40)).save(buffer, format="PNG")
     assert processor.image_processor(buffer.getvalue())["pieces_per_image"].tolist() == [1]
+
+
+def test_a_saved_folder_has_the_hub_layout_and_loads_through_the_auto_classes(bpe_tokenizer, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llava_uhd.auto import save_pretrained
+    from llava_uhd.model import LlavaUHDConfig, LlavaUHDForConditionalGeneration
+    from llava_uhd.slicing import plan_slices
+
+    processor = _processor(bpe_tokenizer, "vicuna_v1")
+    text = {**TINY.text.config, "vocab_size": len(processor.tokenizer)}
+    config = LlavaUHDConfig.from_preset(
+        TINY.with_overrides(text={"config": text}), image_token_id=processor.image_token_id
+    )
+    save_pretrained(tmp_path, LlavaUHDForConditionalGeneration(config), processor)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        CHAT_TEMPLATE_FILE,
+        PROCESSOR_CONFIG_FILE,
+        "README.md",
+    } <= names
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
+    plan = plan_slices(640, 480, TINY.slicing)
+    tokens = (plan.num_slices + 1) * TINY.resampler.num_queries + plan.num_slices
+    assert f"| 640x480 | {plan.grid.cols}x{plan.grid.rows} | {plan.num_slices + 1} | {tokens} |" in card
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), LlavaUHDForConditionalGeneration)
+    assert AutoProcessor.from_pretrained(tmp_path).chat_template == processor.chat_template

@@ -20,6 +20,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from llava_uhd.errors import CheckpointError, ConfigError
 from llava_uhd.model.configuration import LlavaUHDConfig, check_saved_config
 from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
+from llava_uhd.model_card import write_model_card
 from llava_uhd.processing import PRESET_FILE, LlavaUHDProcessor
 from llava_uhd.tokenizers import load_tokenizer_folder
 
@@ -34,10 +35,13 @@ AutoProcessor.register(LlavaUHDConfig, LlavaUHDProcessor, exist_ok=True)
 def save_pretrained(
     folder: str | Path, model: LlavaUHDForConditionalGeneration, processor: LlavaUHDProcessor
 ) -> None:
-    """Write the model (config.json + safetensors) and the processor (tokenizer + preset) side by side."""
+    """Write the model (config.json, safetensors, generation_config.json), the processor (tokenizer, preset,
+    options, chat template) and a model card (README.md, :mod:`llava_uhd.model_card`) side by side: a
+    folder ``AutoModelForImageTextToText``, ``AutoProcessor`` and ``push_to_hub`` take as it is."""
     check_compatible(model, processor)
     model.save_pretrained(str(folder))
     processor.save_pretrained(folder)
+    write_model_card(folder, model.config.to_preset())
 
 
 def load_pretrained(
