@@ -49,6 +49,7 @@ def load_pretrained(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantization_config: Any = None,
     **processor_options: Any,
 ) -> tuple[LlavaUHDForConditionalGeneration, LlavaUHDProcessor]:
     """The model (in eval mode) and processor of a saved or converted folder, checked to fit each other.
@@ -56,7 +57,9 @@ def load_pretrained(
     The one loader of the package: ``llava-uhd ask`` and the inference helpers use it too. The processor
     is the saved one when the folder has it; otherwise it is rebuilt from the folder's tokenizer and the
     preset stored in the model config. ``processor_options`` (e.g. ``padding_side``) override the saved
-    options.
+    options. ``quantization_config`` (a transformers quantization config, e.g. from
+    :func:`llava_uhd.model.quantization.quantization_config`) loads the language model quantized; the
+    model is then placed by transformers, so ``device`` must be None.
 
     The folder is checked before any weight is allocated (:func:`check_model_folder`), so a damaged
     ``config.json`` is an error instead of a model built at the default size.
@@ -75,7 +78,11 @@ def load_pretrained(
         processor = LlavaUHDProcessor.from_pretrained(folder, **processor_options)
     else:
         processor = LlavaUHDProcessor(load_tokenizer_folder(folder), config.to_preset(), **processor_options)
-    model = AutoModelForImageTextToText.from_pretrained(str(folder), config=config, dtype=dtype)
+    if quantization_config is not None and device is not None:
+        raise ConfigError("a quantized model is placed by transformers; pass device=None")
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(folder), config=config, dtype=dtype, quantization_config=quantization_config
+    )
     if not isinstance(model, LlavaUHDForConditionalGeneration):
         raise CheckpointError(f"{folder}: holds a {type(model).__name__}, not a LLaVA-UHD model")
     if device is not None:
