@@ -464,11 +464,16 @@ class LlavaUHDProcessor(ProcessorMixin):
         if add_generation_prompt and continue_final_message:
             raise ConfigError("add_generation_prompt and continue_final_message cannot both be set")
         options = dict(processor_kwargs or {})
-        if options.pop("return_tensors", return_tensors) not in (None, "pt", "auto"):
-            raise ConfigError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        wanted = options.pop("return_tensors", return_tensors)
+        if wanted not in (None, "pt", "auto"):
+            raise ConfigError(f"return_tensors must be None or 'pt', got {wanted!r}")
         unknown = set(options) - {"max_slices", "max_visual_tokens", "padding_side"}
         if unknown:
             raise ConfigError(f"unknown processor_kwargs {sorted(unknown)}")
+        if chat_template is None and self.chat_template is None:
+            raise ConfigError(
+                f"the preset's template is {self.preset.template!r} and the tokenizer has no chat template"
+            )
         template = self._resolve_chat_template(chat_template)
         custom = chat_template is not None or self.custom_chat_template
         conversations, batched = self._normalize_conversations(conversation)
