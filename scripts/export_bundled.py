@@ -2,10 +2,10 @@
 
     python scripts/export_bundled.py RUNS/stage2/final
 
-Writes src/llava_uhd/assets/synthdoc-model/: the weights (safetensors), config, tokenizer, processor and
-preset files, and ``shipped_accuracy.json``: the copy's exact-match accuracy on a fixed set of test pages
-(seed 1, pages 0-47), which tests/test_bundled_model.py holds the package to. Checks that the copy
-answers like the source.
+Writes src/llava_uhd/assets/synthdoc-model/: the weights (safetensors), config, tokenizer, processor,
+chat template and preset files, a model card (README.md) and ``shipped_accuracy.json``: the copy's
+exact-match accuracy on a fixed set of test pages (seed 1, pages 0-47), which tests/test_bundled_model.py
+holds the package to. Checks that the copy answers like the source.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import shutil
 from pathlib import Path
 
 from llava_uhd.auto import load_pretrained
+from llava_uhd.config import Preset
 from llava_uhd.eval.synthdoc import evaluate_synthdoc
+from llava_uhd.model_card import write_model_card
+from llava_uhd.processing import PRESET_FILE
 
 TARGET = Path(__file__).resolve().parents[1] / "src" / "llava_uhd" / "assets" / "synthdoc-model"
 KEEP = (
@@ -29,6 +32,7 @@ KEEP = (
     "llava_uhd_preset.yaml",
     "llava_uhd_processor.json",
     "chat_template.jinja",
+    "processor_config.json",
 )
 
 
@@ -48,6 +52,7 @@ def main() -> None:
     for name in sorted(p.name for p in args.source.iterdir()):
         if name in KEEP:
             shutil.copy(args.source / name, TARGET / name)
+    write_model_card(TARGET, Preset.load(TARGET / PRESET_FILE))
     source = evaluate_synthdoc(*load_pretrained(args.source), **SHIPPED_SET)
     copy = evaluate_synthdoc(*load_pretrained(TARGET), **SHIPPED_SET)
     assert source == copy, (source["by_kind"], copy["by_kind"])

@@ -87,3 +87,39 @@ def test_model_on_cuda_matches_cpu(tokenizer, resampler, monkeypatch):  # noqa: 
     with torch.no_grad():
         half = model.to(torch.bfloat16)(**{k: v.to(CUDA) for k, v in batch.items()})
     assert torch.isfinite(half.loss) and relative_error(half.logits, expected.logits) < 5e-2
+
+
+@pytest.mark.parametrize("method", ["bnb-8bit", "bnb-4bit"])
+def test_bitsandbytes_quantizes_the_lm_and_keeps_the_vision_side(tmp_path, method):
+    """bitsandbytes 8/4-bit on the language model: logits near bf16, the vision tower untouched."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from llava_uhd.auto import load_pretrained
+    from llava_uhd.bundled import bundled_model_dir
+    from llava_uhd.model.quantization import module_bytes, quantization_config
+
+    folder = bundled_model_dir()
+    full, processor = load_pretrained(folder, dtype=torch.bfloat16, device="cuda")
+    quantized, _ = load_pretrained(
+        folder, dtype=torch.bfloat16, quantization_config=quantization_config(method)
+    )
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": plan_image()}, {"type": "text", "text": "Hi"}],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    inputs = {k: v.to(CUDA) for k, v in inputs.items()}
+    with torch.no_grad():
+        expected, got = full(**inputs).logits, quantized(**inputs).logits
+    assert relative_error(got, expected) < (0.05 if method == "bnb-8bit" else 0.2)
+    assert module_bytes(quantized.language_model) < module_bytes(full.language_model)
+    assert module_bytes(quantized.vision_tower) == module_bytes(full.vision_tower)
+
+
+def plan_image():
+    from PIL import Image
+
+    return Image.new("RGB", (640, 480), (200, 30, 30))

@@ -21,6 +21,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from llava_uhd.errors import CheckpointError, ConfigError
 from llava_uhd.model.configuration import LlavaUHDConfig, check_saved_config
 from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
+from llava_uhd.model_card import write_model_card
 from llava_uhd.processing import PRESET_FILE, LlavaUHDProcessor
 from llava_uhd.tokenizers import load_tokenizer_folder
 
@@ -29,42 +30,19 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 # How many offending tensor names a refusal lists per kind (the count is always given).
 _NAMES_SHOWN = 3
 
-# Loading options AutoProcessor adds for hub downloads; a saved processor folder is local and needs none.
-HUB_LOADING_OPTIONS = frozenset(
-    {
-        "_from_auto",
-        "_commit_hash",
-        "revision",
-        "cache_dir",
-        "token",
-        "local_files_only",
-        "trust_remote_code",
-        "subfolder",
-        "force_download",
-        "proxies",
-    }
-)
-
-
-class _ProcessorLoader:
-    """What ``AutoProcessor.from_pretrained`` calls: the processor's own loader minus the hub options."""
-
-    @staticmethod
-    def from_pretrained(folder: str | Path, **options: Any) -> LlavaUHDProcessor:
-        kept = {key: value for key, value in options.items() if key not in HUB_LOADING_OPTIONS}
-        return LlavaUHDProcessor.from_pretrained(folder, **kept)
-
-
-AutoProcessor.register(LlavaUHDConfig, _ProcessorLoader, exist_ok=True)
+AutoProcessor.register(LlavaUHDConfig, LlavaUHDProcessor, exist_ok=True)
 
 
 def save_pretrained(
     folder: str | Path, model: LlavaUHDForConditionalGeneration, processor: LlavaUHDProcessor
 ) -> None:
-    """Write the model (config.json + safetensors) and the processor (tokenizer + preset) side by side."""
+    """Write the model (config.json, safetensors, generation_config.json), the processor (tokenizer, preset,
+    options, chat template) and a model card (README.md, :mod:`llava_uhd.model_card`) side by side: a
+    folder ``AutoModelForImageTextToText``, ``AutoProcessor`` and ``push_to_hub`` take as it is."""
     check_compatible(model, processor)
     model.save_pretrained(str(folder))
     processor.save_pretrained(folder)
+    write_model_card(folder, model.config.to_preset())
 
 
 def load_pretrained(
@@ -72,6 +50,7 @@ def load_pretrained(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantization_config: Any = None,
     **processor_options: Any,
 ) -> tuple[LlavaUHDForConditionalGeneration, LlavaUHDProcessor]:
     """The model (in eval mode) and processor of a saved or converted folder, checked to fit each other.
@@ -79,7 +58,9 @@ def load_pretrained(
     The one loader of the package: ``llava-uhd ask`` and the inference helpers use it too. The processor
     is the saved one when the folder has it; otherwise it is rebuilt from the folder's tokenizer and the
     preset stored in the model config. ``processor_options`` (e.g. ``padding_side``) override the saved
-    options.
+    options. ``quantization_config`` (a transformers quantization config, e.g. from
+    :func:`llava_uhd.model.quantization.quantization_config`) loads the language model quantized; the
+    model is then placed by transformers, so ``device`` must be None.
 
     The folder is checked before any weight is allocated (:func:`check_model_folder`), so a damaged
     ``config.json`` is an error instead of a model built at the default size.
@@ -98,7 +79,11 @@ def load_pretrained(
         processor = LlavaUHDProcessor.from_pretrained(folder, **processor_options)
     else:
         processor = LlavaUHDProcessor(load_tokenizer_folder(folder), config.to_preset(), **processor_options)
-    model = AutoModelForImageTextToText.from_pretrained(str(folder), config=config, dtype=dtype)
+    if quantization_config is not None and device is not None:
+        raise ConfigError("a quantized model is placed by transformers; pass device=None")
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(folder), config=config, dtype=dtype, quantization_config=quantization_config
+    )
     if not isinstance(model, LlavaUHDForConditionalGeneration):
         raise CheckpointError(f"{folder}: holds a {type(model).__name__}, not a LLaVA-UHD model")
     if device is not None:

@@ -15,6 +15,13 @@ Two entry points share those steps:
 * :meth:`LlavaUHDProcessor.__call__`: prompt strings the caller wrote (a batch, padded), the Hugging
   Face processor call.
 
+:meth:`LlavaUHDProcessor.apply_chat_template` takes Hugging Face / OpenAI chat messages with image parts
+(:mod:`llava_uhd.chat_template`) and, for a generation prompt or a whole conversation, calls
+:meth:`~LlavaUHDProcessor.prepare`: the chat-template call of transformers gives the ids training gives.
+The processor is a transformers ``ProcessorMixin`` (a tokenizer and a
+:class:`~llava_uhd.image_processing.LlavaUHDImageProcessor`), so ``AutoProcessor`` and
+``pipeline("image-text-to-text")`` load it from a saved folder.
+
 This module may import torch and transformers but never :mod:`llava_uhd.model`.
 Dimensions: B batch, T text length, N pieces, Pt patches, C channels, P patch side.
 """
@@ -30,19 +37,30 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AddedToken, BatchFeature, PreTrainedTokenizerBase
+from transformers import AddedToken, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from llava_uhd.budget import plan_with_budget
+from llava_uhd.chat_template import jinja_template, messages_to_turns, string_messages
 from llava_uhd.config import Preset, SlicingConfig, get_preset
 from llava_uhd.errors import ConfigError, PlaceholderMismatchError
-from llava_uhd.images import ImageSource, load_planned
-from llava_uhd.pixels import RESIZE_MODES, ResizeMode, draft_size, image_patches
+from llava_uhd.image_processing import ImageBatch, LlavaUHDImageProcessor
+from llava_uhd.images import ImageSource
+from llava_uhd.pixels import ResizeMode
 from llava_uhd.slicing import SlicePlan, overview_plan
-from llava_uhd.templates import IMAGE_TOKEN, Template, Turn, get_template
+from llava_uhd.templates import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    MalformedConversationError,
+    Template,
+    Turn,
+    get_template,
+)
 from llava_uhd.tokenizers import load_tokenizer_folder
 from llava_uhd.tokens import (
     EncodedSample,
     encode_conversation,
+    encode_text,
     expand_image_tokens,
     image_layout_ids,
     pad_token_id,
@@ -51,19 +69,12 @@ from llava_uhd.tokens import (
 
 PRESET_FILE = "llava_uhd_preset.yaml"
 PROCESSOR_FILE = "llava_uhd_processor.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# What tells AutoProcessor the class; the settings themselves are in PRESET_FILE and PROCESSOR_FILE.
+PROCESSOR_CONFIG_FILE = "processor_config.json"
 # The options save_pretrained writes into PROCESSOR_FILE: the keyword arguments of the constructor.
 _SAVED_OPTIONS = frozenset({"image_token", "padding_side", "resize_mode", "max_visual_tokens"})
 _PADDING_SIDES = ("left", "right")
-
-
-@dataclass(frozen=True)
-class ImageBatch:
-    """Pixels and plans of a list of images (no text): the image half of the processor's output."""
-
-    pixel_values: torch.Tensor  # (Pt, C*P*P) float32
-    piece_grids: torch.Tensor  # (N, 2) long: rows, cols in patches
-    pieces_per_image: torch.Tensor  # (n_images,) long
-    plans: tuple[SlicePlan, ...]
 
 
 @dataclass(frozen=True)
@@ -90,12 +101,7 @@ class PreparedConversation:
         return inputs
 
 
-def _grids_tensor(plans: Sequence[SlicePlan]) -> torch.Tensor:
-    grids = [grid for plan in plans for grid in plan.piece_grids]
-    return torch.tensor(grids, dtype=torch.long).view(len(grids), 2)
-
-
-class LlavaUHDProcessor:
+class LlavaUHDProcessor(ProcessorMixin):
     """Turns conversations or prompts with ``<image>`` placeholders, and images, into the model's inputs.
 
     Args:
@@ -103,9 +109,15 @@ class LlavaUHDProcessor:
             special token to a copy (``self.tokenizer``); the caller's tokenizer is never changed.
         preset: a :class:`~llava_uhd.config.Preset` or its name; slicing, normalisation, Q and the
             default template come from it.
+        image_processor: the :class:`~llava_uhd.image_processing.LlavaUHDImageProcessor` (None: one
+            made from the preset's slicing); its slicing must be the preset's.
+        chat_template: the Jinja chat template (None: the preset's template written as Jinja,
+            :func:`llava_uhd.chat_template.jinja_template`). Another template is rendered and tokenized
+            as transformers does, without :meth:`prepare`'s guarantee.
         padding_side: "right" for training, "left" for batched generation.
         resize_mode: "fast" (default) or "exact" (bit-faithful to the released pipeline); see
             :mod:`llava_uhd.pixels`. Fast mode also decodes JPEGs at the DCT scale the plan needs.
+            None: the image processor's, else "fast".
         max_visual_tokens: default per-sample visual-token budget (None: unlimited).
         image_token: the tokenizer's image placeholder token.
     """
@@ -115,29 +127,45 @@ class LlavaUHDProcessor:
         tokenizer: PreTrainedTokenizerBase,
         preset: Preset | str = "paper",
         *,
+        image_processor: LlavaUHDImageProcessor | None = None,
+        chat_template: str | None = None,
         padding_side: str = "right",
-        resize_mode: ResizeMode = "fast",
+        resize_mode: ResizeMode | None = None,
         max_visual_tokens: int | None = None,
         image_token: str = IMAGE_TOKEN,
     ) -> None:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         _check_padding_side(padding_side)
-        if resize_mode not in RESIZE_MODES:
-            raise ConfigError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         _check_budget(max_visual_tokens)
+        if image_processor is None:
+            image_processor = LlavaUHDImageProcessor(self.preset.slicing, resize_mode or "fast")
+        elif image_processor.slicing != self.preset.slicing:
+            raise ConfigError("the image processor's slicing differs from the preset's")
+        elif resize_mode is not None:
+            image_processor = LlavaUHDImageProcessor(image_processor.slicing, resize_mode)
         if image_token not in tokenizer.get_vocab():
             tokenizer = copy.deepcopy(tokenizer)  # a shared tokenizer stays as the caller had it
             tokenizer.add_tokens(
                 [AddedToken(image_token, special=True, normalized=False)], special_tokens=True
             )
-        self.tokenizer = tokenizer
         self.padding_side = padding_side
-        self.resize_mode: ResizeMode = resize_mode
         self.max_visual_tokens = max_visual_tokens
         self.image_token = image_token
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(image_token)
         self.separator_ids = separator_token_ids(tokenizer)
         self.separator_lengths = {sep: len(ids) for sep, ids in self.separator_ids.items()}
+        own_template = jinja_template(self.preset.template, tokenizer, image_token)
+        # a template that is not the preset's is rendered as transformers renders it (no prepare)
+        self.custom_chat_template = chat_template is not None and chat_template != own_template
+        # ProcessorMixin.__init__ only sets these three after a class check that imports every tokenizer
+        # backend transformers knows (mistral-common's among them, which need not be installed)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = own_template if chat_template is None else chat_template
+
+    @property
+    def resize_mode(self) -> ResizeMode:
+        return self.image_processor.resize_mode
 
     @property
     def num_queries(self) -> int:
@@ -184,21 +212,14 @@ class LlavaUHDProcessor:
         In fast mode, encoded sources are planned from their header and then decoded at the JPEG DCT
         scale the plan allows (:func:`llava_uhd.images.load_planned`); exact mode decodes in full.
         """
-        return load_planned(
+        return self.image_processor.load_and_plan(
             images,
             lambda sizes: self.plan_images(sizes, max_slices, max_visual_tokens, overview_only=overview_only),
-            max_pixels=self.slicing.max_image_pixels,
-            draft_size=draft_size if self.resize_mode == "fast" else None,
         )
 
     def encode(self, images: Sequence[Image.Image], plans: Sequence[SlicePlan]) -> ImageBatch:
         """Pixels of decoded images and their plans, all in one preallocated buffer."""
-        return ImageBatch(
-            pixel_values=image_patches(images, plans, self.slicing, self.resize_mode),
-            piece_grids=_grids_tensor(plans),
-            pieces_per_image=torch.tensor([p.num_slices + 1 for p in plans], dtype=torch.long),
-            plans=tuple(plans),
-        )
+        return self.image_processor.encode(images, plans)
 
     def process_images(
         self,
@@ -311,6 +332,8 @@ class LlavaUHDProcessor:
         padding_side: str | None = None,
         add_special_tokens: bool = True,
         return_plans: bool = False,
+        return_tensors: str | None = None,
+        padding: bool | str = True,
     ) -> BatchFeature:
         """Tokenise ``text`` (one prompt or a batch) and encode its images.
 
@@ -322,7 +345,15 @@ class LlavaUHDProcessor:
         Returns a BatchFeature with ``input_ids``, ``attention_mask`` (B, T) and, when there are images,
         ``pixel_values`` (Pt, C*P*P), ``piece_grids`` (N, 2), ``pieces_per_image`` (n_images,).
         With ``return_plans`` the plans are attached as the ``plans`` attribute (a tuple per image).
+        ``return_tensors`` (None or "pt") and ``padding`` (True or "longest") are the transformers
+        options the pipelines pass: the output is always torch tensors, padded to the longest prompt.
         """
+        if return_tensors not in (None, "pt"):
+            raise ConfigError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if padding not in (True, "longest"):
+            raise ConfigError(
+                f"padding must be True or 'longest' (prompts are padded to the longest), got {padding!r}"
+            )
         texts = [text] if isinstance(text, str) else list(text)
         per_sample = self._images_per_sample(texts, images)
         side = self.padding_side if padding_side is None else padding_side
@@ -395,30 +426,175 @@ class LlavaUHDProcessor:
             attention_mask[i, span] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    # ---- persistence -----------------------------------------------------------------------------
+    # ---- chat messages ---------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Save the tokenizer, the preset YAML and the processor options into ``directory``."""
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(str(folder))
-        self.preset.save(folder / PRESET_FILE)
-        options = {
+    def apply_chat_template(
+        self,
+        conversation: Sequence[Any],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_tensors: str | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
+        **template_kwargs: Any,
+    ) -> str | list[str] | torch.Tensor | BatchFeature:
+        """Render chat messages (one conversation or a batch) with the chat template; tokenize on request.
+
+        Messages take Hugging Face / OpenAI content parts (:mod:`llava_uhd.chat_template`): each image
+        part becomes ``<image>`` and a newline where it stands, and its image (a PIL image, a local path,
+        bytes, base64) is what that placeholder shows. Without ``tokenize`` the prompt text is returned
+        (a list for a batch). With it, a conversation ending in a user turn with
+        ``add_generation_prompt``, or in an assistant turn without, is made by :meth:`prepare` in the
+        preset's template: the ids training renders for it, with its pixels and piece grids;
+        ``continue_final_message`` appends the rendered start of the last answer to the prompt before it.
+        Another ``chat_template`` tokenizes the rendered text with :meth:`__call__`, as transformers does. A batch is padded on the left for a generation prompt, else on the processor's
+        side. ``processor_kwargs`` may hold ``max_slices``, ``max_visual_tokens``, ``padding_side``.
+
+        Returns:
+            the text; with ``tokenize`` the (B, T) ``input_ids``, or with ``return_dict`` the whole
+            BatchFeature (``input_ids``, ``attention_mask`` and, with images, ``pixel_values``,
+            ``piece_grids``, ``pieces_per_image``).
+
+        Raises:
+            MalformedConversationError: messages the template cannot render.
+            PlaceholderMismatchError: text ``<image>`` placeholders beside image parts that disagree.
+        """
+        if add_generation_prompt and continue_final_message:
+            raise ConfigError("add_generation_prompt and continue_final_message cannot both be set")
+        options = dict(processor_kwargs or {})
+        wanted = options.pop("return_tensors", return_tensors)
+        if wanted not in (None, "pt", "auto"):
+            raise ConfigError(f"return_tensors must be None or 'pt', got {wanted!r}")
+        unknown = set(options) - {"max_slices", "max_visual_tokens", "padding_side"}
+        if unknown:
+            raise ConfigError(f"unknown processor_kwargs {sorted(unknown)}")
+        if chat_template is None and self.chat_template is None:
+            raise ConfigError(
+                f"the preset's template is {self.preset.template!r} and the tokenizer has no chat template"
+            )
+        template = self._resolve_chat_template(chat_template)
+        custom = chat_template is not None or self.custom_chat_template
+        conversations, batched = self._normalize_conversations(conversation)
+        prompts = [
+            render_jinja_template(
+                conversations=[messages if custom else string_messages(messages, self.image_token)],
+                chat_template=template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **{**self.tokenizer.special_tokens_map, **template_kwargs},
+            )[0][0]
+            for messages in conversations
+        ]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        parsed = [messages_to_turns(messages, self.image_token) for messages in conversations]
+        if custom:  # another template: tokenized as transformers does, BOS unless the text starts with it
+            bos = self.tokenizer.bos_token
+            special = not (bos is not None and prompts[0].startswith(bos))
+            features = self(prompts, [images for _, images in parsed], add_special_tokens=special, **options)
+            return features if return_dict else features["input_ids"]
+        side = options.pop("padding_side", "left" if add_generation_prompt else self.padding_side)
+        prepared = [
+            self._prepare_messages(
+                turns, images, prompt, add_generation_prompt, continue_final_message, options
+            )
+            for (turns, images), prompt in zip(parsed, prompts, strict=True)
+        ]
+        features = BatchFeature(data=self.batch_inputs(prepared, side))
+        return features if return_dict else features["input_ids"]
+
+    def _prepare_messages(
+        self,
+        turns: list[Turn],
+        images: list[ImageSource],
+        rendered: str,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        options: dict[str, Any],
+    ) -> PreparedConversation:
+        """One conversation through :meth:`prepare`: a generation prompt after a user turn, a whole
+        conversation, or (``continue_final_message``) the prompt before the last answer followed by the
+        rendered start of that answer, tokenized as a continuation."""
+        if continue_final_message:
+            if not turns or turns[-1].role != "assistant":
+                raise MalformedConversationError("continue_final_message needs a final assistant message")
+            prompt = self.prepare(turns[:-1], images, generation_prompt=True, **options)
+            opened = get_template(self.preset.template).generation_prompt(turns[:-1], self.tokenizer)
+            if not rendered.startswith(opened):
+                raise MalformedConversationError(
+                    "the chat template does not render the final message after the prompt before it"
+                )
+            tail = encode_text(
+                self.tokenizer, rendered[len(opened) :], at_start=False, anchor=self.image_token
+            )
+            ids = [*prompt.text.input_ids, *tail]
+            text = EncodedSample(ids, [IGNORE_INDEX] * len(ids), prompt.text.visual_spans)
+            return PreparedConversation(text, prompt.images)
+        if not turns or (turns[-1].role == "assistant") == add_generation_prompt:
+            raise MalformedConversationError(
+                "end the messages with a user turn and set add_generation_prompt (a prompt to answer), "
+                "end them with an assistant turn (a whole conversation), or set continue_final_message"
+            )
+        return self.prepare(turns, images, generation_prompt=add_generation_prompt, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The processor's settings as JSON-ready data (the saved files hold the same)."""
+        return {
+            "processor_class": type(self).__name__,
+            "image_processor": self.image_processor.to_dict(),
+            "preset": self.preset.to_dict(),
+            **self._options(),
+        }
+
+    def _options(self) -> dict[str, Any]:
+        return {
             "image_token": self.image_token,
             "padding_side": self.padding_side,
             "resize_mode": self.resize_mode,
             "max_visual_tokens": self.max_visual_tokens,
         }
-        (folder / PROCESSOR_FILE).write_text(json.dumps(options, indent=2) + "\n")
+
+    # ---- persistence -----------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Save the tokenizer, the preset YAML, the processor options and the chat template.
+
+        The folder also gets ``processor_config.json``, naming the class for ``AutoProcessor``.
+        ``kwargs`` are what ``push_to_hub`` passes (``max_shard_size``); a processor has no shards.
+        """
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(folder))
+        self.preset.save(folder / PRESET_FILE)
+        (folder / PROCESSOR_FILE).write_text(json.dumps(self._options(), indent=2) + "\n")
+        (folder / PROCESSOR_CONFIG_FILE).write_text(
+            json.dumps({"processor_class": type(self).__name__}, indent=2) + "\n"
+        )
+        if isinstance(self.chat_template, str):
+            (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> LlavaUHDProcessor:
-        """Load a processor saved by :meth:`save_pretrained`; keyword arguments override saved options."""
-        folder = Path(directory)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> LlavaUHDProcessor:
+        """Load a processor saved by :meth:`save_pretrained` (older folders without a chat template too).
+
+        Keyword arguments that are constructor options (``padding_side``, ``resize_mode``,
+        ``max_visual_tokens``, ``image_token``, ``chat_template``) override the saved ones; the loading
+        options transformers passes (``AutoProcessor``, ``pipeline``: revision, cache and hub settings)
+        are taken by transformers' own processor loader, which also reads ``chat_template.jinja``.
+        """
+        folder = Path(pretrained_model_name_or_path)
         if not (folder / PRESET_FILE).is_file():
             raise ConfigError(f"{folder}: no {PRESET_FILE}; not a saved LLaVA-UHD processor")
+        try:
+            saved, rest = cls.get_processor_dict(str(folder), **kwargs)
+        except (OSError, ValueError) as exc:  # a processor_config.json that is no JSON
+            raise ConfigError(f"{folder}: cannot read the processor files ({exc})") from None
         options = _saved_options(folder / PROCESSOR_FILE)
-        options.update(overrides)
+        if isinstance(saved.get("chat_template"), str):
+            options["chat_template"] = saved["chat_template"]
+        options.update({key: rest[key] for key in rest if key in _SAVED_OPTIONS | {"chat_template"}})
         return cls(load_tokenizer_folder(folder), Preset.load(folder / PRESET_FILE), **options)
 
 

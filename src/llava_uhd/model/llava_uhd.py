@@ -33,6 +33,7 @@ from llava_uhd.errors import ModelInputError, PlaceholderMismatchError
 from llava_uhd.model.configuration import MODEL_TYPE, LlavaUHDConfig
 from llava_uhd.model.init import init_weights
 from llava_uhd.model.packing import gather_segments
+from llava_uhd.model.quantization import keep_full_precision
 from llava_uhd.model.resamplers import build_resampler
 from llava_uhd.model.vision import VisionTransformer
 
@@ -73,6 +74,14 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     # ---- Hugging Face plumbing -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> LlavaUHDForConditionalGeneration:
+        """transformers' loader; a ``quantization_config`` that names no modules to skip keeps the vision
+        tower, resampler and LM head in full precision (:mod:`llava_uhd.model.quantization`)."""
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = keep_full_precision(kwargs["quantization_config"])
+        return super().from_pretrained(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
