@@ -1,14 +1,19 @@
-"""Arguments shared by several subcommands: the preset and every slicing knob; decoding options; checks of
-the paths a command will write, made before any slow work."""
+"""Arguments shared by several subcommands: the preset and every slicing knob; the model folder, device and
+dtype, and loading them; decoding options; checks of the paths a command will write, made before any slow
+work."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llava_uhd.config import Preset, get_preset
 from llava_uhd.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
@@ -54,6 +59,69 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
             vision, patch_size=slicing.patch_size, image_size=slicing.patch_size * vision.grid_side
         )
     return replace(preset, slicing=slicing, vision=vision)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """``--model DIR`` (default: the bundled model), ``--device`` and, with ``dtype``, ``--dtype``."""
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a saved model folder (default: the bundled model)",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    if dtype:
+        parser.add_argument(
+            "--dtype",
+            choices=DTYPES,
+            default="auto",
+            help="weights' dtype: auto (default) is bfloat16 on a GPU that supports it, float32 otherwise",
+        )
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model and processor that ``--model`` (the bundled model without it), ``--device`` and
+    ``--dtype`` name, loaded by :func:`llava_uhd.auto.load_pretrained`."""
+    from llava_uhd.auto import load_pretrained
+    from llava_uhd.bundled import model_dir
+
+    device = torch_device(args.device)
+    return load_pretrained(
+        model_dir(args.model), device=device, dtype=torch_dtype(getattr(args, "dtype", "auto"), device)
+    )
+
+
+def torch_device(name: str | None) -> torch.device:
+    """``--device`` as a torch device (None: CUDA if present, else the CPU), refused with the flag named when torch cannot use it here."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: this torch build or machine has no CUDA device")
+    return device
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for ``--dtype``: "auto" is bfloat16 where the GPU computes in it, else float32.
+
+    CPUs without native bfloat16 emulate it (slower than float32), hence float32 there; the model keeps
+    its position-table resizing in float32 either way.
+    """
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    cuda = device.type == "cuda"
+    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,39 +12,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llava_uhd.commands._common import add_decoding_arguments, decoding_options
-from llava_uhd.errors import ConfigError
+from llava_uhd.commands._common import (
+    add_decoding_arguments,
+    add_model_arguments,
+    decoding_options,
+    load_model,
+)
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 HELP = "answer a question about images with a saved model"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("question", help="the question (images are placed before it)")
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="a saved model folder (default: the bundled model)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--image", action="append", default=[], metavar="IMG", help="an image file; repeat for several images"
     )
     add_decoding_arguments(parser)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="weights' dtype: auto (default) is bfloat16 on a GPU that supports it, float32 otherwise",
-    )
     parser.add_argument("--json", action="store_true", help="print one JSON object with the answer")
     parser.add_argument(
         "--show-plan", action="store_true", help="print the slice plan and token counts on stderr"
@@ -52,7 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava_uhd.auto import load_pretrained
     from llava_uhd.bundled import model_dir
     from llava_uhd.commands.plan import prompt_plan_text
     from llava_uhd.inference.generate import GenerationOptions, answer_prepared, prompt_inputs
@@ -61,16 +49,19 @@ def run(args: argparse.Namespace) -> int:
     options = GenerationOptions(**decoding_options(args))
     images = [str(path) for path in args.image]
     _check_inputs(args.question, images)
-    folder = model_dir(args.model)
-    device = _device(args.device)
-    model, processor = load_pretrained(folder, device=device, dtype=_dtype(args.dtype, device))
+    model, processor = load_model(args)
     prepared = prompt_inputs(processor, images, args.question, model.config.template)
     if args.show_plan:
         plan = prompt_plan_text(images, prepared.images.plans, processor.preset, prepared.text)
         sys.stderr.write(plan + "\n")
     text = answer_prepared(model, processor, prepared, options)
     if args.json:
-        record = {"model": str(folder), "images": images, "question": args.question, "answer": text}
+        record = {
+            "model": str(model_dir(args.model)),
+            "images": images,
+            "question": args.question,
+            "answer": text,
+        }
         sys.stdout.write(json.dumps(record) + "\n")
     else:
         sys.stdout.write(text + "\n")
@@ -86,32 +77,3 @@ def _check_inputs(question: str, images: list[str]) -> None:
     question_turns(question, len(images))
     for image in images:
         probe_image_size(image, max_pixels=sys.maxsize)
-
-
-def _device(name: str | None) -> torch.device:
-    """``--device`` as a torch device, refused with the flag named when torch cannot use it here."""
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {name!r} is not a torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name!r}: this torch build or machine has no CUDA device")
-    return device
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype for ``--dtype``: "auto" is bfloat16 where the GPU computes in it, else float32.
-
-    CPUs without native bfloat16 emulate it (slower than float32), hence float32 there; the model keeps
-    its position-table resizing in float32 either way.
-    """
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    cuda = device.type == "cuda"
-    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32

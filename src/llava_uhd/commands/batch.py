@@ -18,7 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llava_uhd.commands._common import add_decoding_arguments, check_output_file, decoding_options
+from llava_uhd.commands._common import (
+    add_decoding_arguments,
+    add_model_arguments,
+    check_output_file,
+    decoding_options,
+    load_model,
+)
 from llava_uhd.errors import ConfigError
 
 HELP = "answer a JSONL file of {id, image, question} lines in batches"
@@ -32,12 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", required=True, type=Path, metavar="OUT.jsonl", help="answers, in input order"
     )
-    parser.add_argument(
-        "--model", type=Path, default=None, metavar="DIR", help="a saved model (default: bundled)"
-    )
+    add_model_arguments(parser, dtype=False)
     parser.add_argument("--batch-size", type=int, default=8, help="requests per generate call (8)")
     parser.add_argument("--resume", action="store_true", help="skip ids already answered in OUT")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_decoding_arguments(parser)
 
 
@@ -160,16 +163,12 @@ def _answer_all(
 ) -> int:
     from tqdm.auto import tqdm
 
-    from llava_uhd.auto import load_pretrained
-    from llava_uhd.bundled import model_dir
-    from llava_uhd.commands.ask import _device, _dtype
     from llava_uhd.inference.batch import Request, answer_batch, batched
     from llava_uhd.model.feature_cache import cache_frozen_tower
 
     model = processor = None
     if any("error" not in item for item in todo):  # a file of bad lines alone needs no model
-        device = _device(args.device)
-        model, processor = load_pretrained(model_dir(args.model), device=device, dtype=_dtype("auto", device))
+        model, processor = load_model(args)
         cache_frozen_tower(model)  # questions about the same image encode it once
     failed = 0
     with tqdm(total=len(todo), desc="batch", unit="q", file=sys.stderr, dynamic_ncols=True) as bar:

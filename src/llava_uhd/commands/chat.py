@@ -22,11 +22,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from llava_uhd.commands._common import add_decoding_arguments, decoding_options
-from llava_uhd.commands.ask import DTYPES
+from llava_uhd.commands._common import (
+    add_decoding_arguments,
+    add_model_arguments,
+    decoding_options,
+    load_model,
+)
 from llava_uhd.errors import LlavaUHDError
 
 if TYPE_CHECKING:
@@ -42,23 +45,11 @@ COMMANDS_HELP = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None, metavar="PATH", help="the image to talk about")
-    parser.add_argument(
-        "--model", type=Path, default=None, metavar="DIR", help="a saved model (default: bundled)"
-    )
+    add_model_arguments(parser)
     add_decoding_arguments(parser)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="weights' dtype: auto (default) is bfloat16 on a GPU that supports it, float32 otherwise",
-    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava_uhd.auto import load_pretrained
-    from llava_uhd.bundled import model_dir
-    from llava_uhd.commands.ask import _device, _dtype
     from llava_uhd.images import probe_image_size
     from llava_uhd.inference.chat import ChatSession
     from llava_uhd.inference.generate import GenerationOptions
@@ -67,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     options = GenerationOptions(**decoding_options(args))
     if args.image is not None:
         probe_image_size(args.image, max_pixels=sys.maxsize)
-    device = _device(args.device)
-    model, processor = load_pretrained(model_dir(args.model), device=device, dtype=_dtype(args.dtype, device))
+    model, processor = load_model(args)
     session = ChatSession(model, processor, options)
     if args.image is not None:
         session.set_image(args.image)

@@ -1,7 +1,7 @@
 """Run a benchmark over local files with a saved model (the bundled one by default) and score it.
 
     llava-uhd eval --benchmark NAME --data FILE [--answers GT.jsonl] [--images DIR] [--model DIR] --output DIR
-    llava-uhd eval --benchmark synthdoc --documents 20 --seed 0 --output DIR
+    llava-uhd eval --benchmark synthdoc --documents 20 --synthdoc-seed 0 --output DIR
     llava-uhd eval ... --num-shards N --shard I        # one process / GPU each, then:
     llava-uhd eval ... --num-shards N --merge           # predictions.jsonl and scores.json of the whole run
 
@@ -22,7 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from llava_uhd.commands._common import add_decoding_arguments, check_output_folder, decoding_options
+from llava_uhd.commands._common import (
+    add_decoding_arguments,
+    add_model_arguments,
+    check_output_folder,
+    decoding_options,
+    load_model,
+)
 from llava_uhd.errors import ConfigError, LlavaUHDError
 from llava_uhd.eval.benchmarks import (
     BENCHMARKS,
@@ -44,9 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--images", type=Path, default=None, metavar="DIR", help="folder of the JSONL's images"
     )
-    parser.add_argument(
-        "--model", type=Path, default=None, metavar="DIR", help="a saved model (default: bundled)"
-    )
+    add_model_arguments(parser, dtype=False)
     parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder for the results")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (8)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
@@ -57,8 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ocr", action="store_true", help="textvqa: list the OCR tokens in the prompt")
     parser.add_argument("--max-slices", type=int, default=None, help="cap the slices per image (1: overview)")
     parser.add_argument("--documents", type=int, default=20, help="synthdoc: pages of the test split (20)")
-    parser.add_argument("--seed", type=int, default=0, help="synthdoc: dataset seed (0)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--synthdoc-seed", type=int, default=0, help="synthdoc: dataset seed (0)")
     add_decoding_arguments(parser)
     parser.set_defaults(max_new_tokens=None)
 
@@ -68,10 +71,10 @@ def _items(args: argparse.Namespace, bench: Benchmark) -> list[EvalItem]:
         raise ConfigError("--ocr is for --benchmark textvqa only")
     if bench.name == "synthdoc":
         if args.data is not None:
-            raise ConfigError("synthdoc pages are generated: give --documents and --seed, not --data")
+            raise ConfigError("synthdoc pages are generated: give --documents and --synthdoc-seed, not --data")
         if args.documents < 1:
             raise ConfigError(f"--documents must be >= 1, got {args.documents}")
-        items = synthdoc_items(bench, args.documents, args.seed)
+        items = synthdoc_items(bench, args.documents, args.synthdoc_seed)
     elif args.data is None:
         raise ConfigError(f"--benchmark {bench.name} needs --data FILE")
     elif args.data.suffix.lower() == ".tsv":
@@ -90,7 +93,7 @@ def _items(args: argparse.Namespace, bench: Benchmark) -> list[EvalItem]:
 def _description(args: argparse.Namespace, bench: Benchmark, options: dict[str, Any]) -> dict[str, Any]:
     """What identifies the run without loading the model (checked on --resume and --merge)."""
     data: Any = (
-        {"split": "test", "documents": args.documents, "seed": args.seed}
+        {"split": "test", "documents": args.documents, "seed": args.synthdoc_seed}
         if bench.name == "synthdoc"
         else str(args.data)
     )
@@ -167,13 +170,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from llava_uhd.auto import load_pretrained
-    from llava_uhd.bundled import model_dir
-    from llava_uhd.commands.ask import _device, _dtype
     from llava_uhd.model.feature_cache import cache_frozen_tower
 
-    device = _device(args.device)
-    model, processor = load_pretrained(model_dir(args.model), device=device, dtype=_dtype("auto", device))
+    model, processor = load_model(args)
     cache_frozen_tower(model)  # questions about the same image encode it once
     return model, processor
 

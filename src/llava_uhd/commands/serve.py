@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
+from llava_uhd.commands._common import add_model_arguments, torch_device, torch_dtype
 from llava_uhd.errors import ConfigError
 
 HELP = "serve a model over an OpenAI-compatible HTTP API with a web page"
@@ -21,24 +21,9 @@ API_KEY_ENV = "LLAVA_UHD_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from llava_uhd.commands.ask import DTYPES
-
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="a saved model folder (default: the bundled model)",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (8000; 0 picks a free one)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="weights' dtype (auto: bfloat16 on a GPU, else float32)",
-    )
     parser.add_argument(
         "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})"
     )
@@ -120,19 +105,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"llava-uhd serve needs the 'serve' extra: pip install 'llava-uhd[serve]' ({exc})"
         ) from None
-    from llava_uhd.commands.ask import _device, _dtype
     from llava_uhd.serve.build import build_server
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     limits = server_limits(args)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    device = _device(args.device)
+    device = torch_device(args.device)
     engine, batcher = build_server(
         args.model,
         limits=limits,
         device=device,
-        dtype=_dtype(args.dtype, device),
+        dtype=torch_dtype(args.dtype, device),
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
