@@ -71,7 +71,9 @@ def _items(args: argparse.Namespace, bench: Benchmark) -> list[EvalItem]:
         raise ConfigError("--ocr is for --benchmark textvqa only")
     if bench.name == "synthdoc":
         if args.data is not None:
-            raise ConfigError("synthdoc pages are generated: give --documents and --synthdoc-seed, not --data")
+            raise ConfigError(
+                "synthdoc pages are generated: give --documents and --synthdoc-seed, not --data"
+            )
         if args.documents < 1:
             raise ConfigError(f"--documents must be >= 1, got {args.documents}")
         items = synthdoc_items(bench, args.documents, args.synthdoc_seed)
