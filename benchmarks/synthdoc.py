@@ -75,6 +75,22 @@ def curves(runs: Path) -> str:
             f"| {r['overview_char_acc']:.3f} |"
             for r in probe
         ]
+    through = _records(runs / "stage0-resampler" / "metrics.jsonl", "slice_char_acc")
+    if through:
+        lines += [
+            "",
+            "Stage 0 of the resampler (the probe read through its 36 tokens by the dense decoder):",
+            "",
+        ]
+        lines += [
+            "| step | wall min | slice chars | slice codes | overview chars |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['step']} | {r['wall_s'] / 60:.0f} | {r['slice_char_acc']:.3f} | {r['slice_code_acc']:.3f} "
+            f"| {r['overview_char_acc']:.3f} |"
+            for r in through
+        ]
     qa = _records(runs / "stage2" / "metrics.jsonl", "synthdoc_count")
     if qa:
         lines += ["", "Stage 2 (all questions of 16 validation pages at each evaluation):", ""]
@@ -88,7 +104,7 @@ def curves(runs: Path) -> str:
             f"{fmt(r['synthdoc_code_long_lt_900'])} | {fmt(r['synthdoc_count'])} | {fmt(r['synthdoc_colour'])} |"
             for r in qa
         ]
-    for stage in ("stage0-warmup", "stage0", "stage1", "stage2"):
+    for stage in ("stage0-warmup", "stage0", "stage0-resampler", "stage1", "stage2"):
         losses = _records(runs / stage / "metrics.jsonl", "loss")
         if losses:
             lines.append(
@@ -107,7 +123,7 @@ def stage0_probe(runs: Path, pages: int) -> str:
     if not folder.is_dir():
         return ""
     preset = Preset.load(folder / "preset.yaml")
-    model = build_model(preset.vision)
+    model = build_model(preset)
     model.load_state_dict(read_state_dict(folder))
     result = probe(model, preset.slicing, pages, split="test")
     return (
