@@ -8,7 +8,7 @@ patch size, strict-< tie breaking), because a one-pixel difference changes the V
 one bicubic resize for the overview. :func:`overview_plan` drops a plan's slices.
 
 ``SlicingConfig.mode`` also plans the two encodings the paper measures itself against, so they run
-through the same processor, token layout and FLOPs accounting (docs/design.md, "Slicing modes"):
+through the same processor, token layout and FLOPs accounting (docs/design.md section 3.4):
 
 ``resize`` (LLaVA-1.5)
     One S x S bicubic resize of the whole image, aspect ratio not kept, no slices: the plan's overview.
