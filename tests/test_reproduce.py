@@ -8,12 +8,10 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
+import matplotlib  # noqa: F401  (the [dev] extra: the report's plot)
 
 from llava_uhd.cli import main as llava_uhd
 from llava_uhd.config import SYNTHDOC, ResamplerConfig, SlicingConfig, VisionConfig
-
-pytest.importorskip("matplotlib")
 
 REPO = Path(__file__).resolve().parents[1]
 
