@@ -34,6 +34,11 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# "uhd": the paper's variable slices plus an overview. "resize" and "anyres" are the baselines the paper
+# compares against (LLaVA-1.5's single low-resolution view, LLaVA-NeXT's fixed tiles): see slicing.py.
+SlicingMode = Literal["uhd", "resize", "anyres"]
+
+
 @dataclass(frozen=True)
 class SlicingConfig:
     """Image modularization settings (docs/design.md section 3).
@@ -48,6 +53,9 @@ class SlicingConfig:
         max_image_pixels: refuse decoded images (and image files) with more pixels than this.
         max_vit_patches: refuse plans whose pieces add up to more ViT patches than this.
         image_mean, image_std: per-channel normalisation after scaling pixels by 1/255.
+        mode: ``uhd`` (the paper's slices and overview), ``resize`` (one S x S view, aspect not kept) or
+            ``anyres`` (fixed S x S tiles of a letterboxed canvas plus an S x S base image); see
+            :mod:`llava_uhd.slicing`. The baselines need S to be a multiple of P.
     """
 
     scale_resolution: int = 336
@@ -59,8 +67,13 @@ class SlicingConfig:
     max_vit_patches: int = DEFAULT_MAX_VIT_PATCHES
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    mode: SlicingMode = "uhd"
 
     def __post_init__(self) -> None:
+        _check(
+            self.mode in get_args(SlicingMode),
+            f"slicing mode must be one of {get_args(SlicingMode)}, got {self.mode!r}",
+        )
         _check(
             _is_int(self.patch_size) and self.patch_size >= 1,
             f"patch_size must be >= 1, got {self.patch_size!r}",
@@ -68,6 +81,11 @@ class SlicingConfig:
         _check(
             _is_int(self.scale_resolution) and self.scale_resolution >= self.patch_size,
             f"scale_resolution must be an integer >= patch_size ({self.patch_size}), got {self.scale_resolution!r}",
+        )
+        _check(
+            self.mode == "uhd" or self.scale_resolution % self.patch_size == 0,
+            f"slicing mode {self.mode!r} cuts pieces of scale_resolution x scale_resolution, so "
+            f"scale_resolution ({self.scale_resolution}) must be a multiple of patch_size ({self.patch_size})",
         )
         _check(
             _is_int(self.max_slices) and self.max_slices >= 1,

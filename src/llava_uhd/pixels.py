@@ -39,7 +39,7 @@ from PIL import Image
 
 from llava_uhd.config import SlicingConfig
 from llava_uhd.errors import ConfigError, ImageSizeError
-from llava_uhd.slicing import Size, SlicePlan, apply_plan
+from llava_uhd.slicing import PAD_FILL, Size, SlicePlan, apply_plan
 
 ResizeMode = Literal["fast", "exact"]
 RESIZE_MODES: tuple[str, ...] = ("fast", "exact")
@@ -165,17 +165,30 @@ def _reduce_factor(source: tuple[int, int], target: Size) -> int:
     return max(math.floor(ratio / REDUCING_GAP), 1)
 
 
+def _letterboxed(source: torch.Tensor, plan: SlicePlan) -> torch.Tensor:
+    """The padded refine canvas of an ``anyres`` plan: ``source`` resized into the letterbox."""
+    box, refine = plan.letterbox, plan.refine_size
+    assert box is not None and refine is not None
+    canvas = torch.tensor(PAD_FILL, dtype=torch.uint8).expand(refine.height, refine.width, _CHANNELS).clone()
+    content = _resize_hwc(source, Size(box.width, box.height))
+    canvas[box.top : box.top + box.height, box.left : box.left + box.width] = content
+    return canvas
+
+
 def _fast_pieces(image: Image.Image, plan: SlicePlan, writer: PatchWriter) -> None:
     refine = plan.refine_size
-    largest = refine if refine is not None else plan.overview
-    factor = _reduce_factor(image.size, largest)
+    box = plan.letterbox
+    # the largest resize of the source: the refine image, or the letterboxed image and the base image
+    targets = [refine or plan.overview] if box is None else [plan.overview, Size(box.width, box.height)]
+    factor = min(_reduce_factor(image.size, target) for target in targets)
     source = _pil_to_hwc(image.reduce(factor) if factor > 1 else image)
     overview_source = source
     if refine is not None and plan.grid is not None and plan.slice_size is not None:
-        refined = _resize_hwc(source, refine).contiguous()
+        refined = _resize_hwc(source, refine).contiguous() if box is None else _letterboxed(source, plan)
         writer.write_uint8(refined, plan.grid.rows, plan.grid.cols, plan.slice_size)
         if (
-            min(refine.width / plan.overview.width, refine.height / plan.overview.height)
+            box is None  # a padded canvas is not the whole image: the base image comes from the source
+            and min(refine.width / plan.overview.width, refine.height / plan.overview.height)
             >= OVERVIEW_FROM_REFINE_GAP
         ):
             overview_source = refined

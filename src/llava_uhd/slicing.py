@@ -7,6 +7,17 @@ patch size, strict-< tie breaking), because a one-pixel difference changes the V
 :func:`apply_plan` then cuts a PIL image: one bicubic resize to the refine size, row-major crops, and
 one bicubic resize for the overview. :func:`overview_plan` drops a plan's slices.
 
+``SlicingConfig.mode`` also plans the two encodings the paper measures itself against, so they run
+through the same processor, token layout and FLOPs accounting (docs/design.md section 3.4):
+
+``resize`` (LLaVA-1.5)
+    One S x S bicubic resize of the whole image, aspect ratio not kept, no slices: the plan's overview.
+``anyres`` (LLaVA-NeXT)
+    The canvas of :data:`ANYRES_CANVASES` (in S x S tiles) that :func:`anyres_grid` picks; the image is
+    resized keeping its aspect to fit it, centred on it with :data:`PAD_FILL` around
+    (:func:`letterbox`), and the canvas is cut into S x S tiles (the plan's slices, in the spatial
+    schema); the whole image squashed to S x S is the base image (the plan's overview).
+
 All sizes are ``Size(width, height)``; grids are ``Grid(rows, cols)``.
 """
 
@@ -38,6 +49,29 @@ class Grid(NamedTuple):
     cols: int
 
 
+class Letterbox(NamedTuple):
+    """Where the resized image lies inside a padded refine canvas (``anyres``), in canvas pixels."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+
+
+# LLaVA-NeXT's grid pinpoints (336x672, 672x336, 672x672, 1008x336, 336x1008 as width x height), in
+# tiles and in its order, which decides ties: 1 col x 2 rows, 2x1, 2x2, 3x1, 1x3.
+ANYRES_CANVASES: tuple[Grid, ...] = (
+    Grid(rows=2, cols=1),
+    Grid(rows=1, cols=2),
+    Grid(rows=2, cols=2),
+    Grid(rows=1, cols=3),
+    Grid(rows=3, cols=1),
+)
+# LLaVA-NeXT pads its canvas with black (its resize_and_pad_image; transformers' LlavaNextImageProcessor
+# pads with 0 too): the baseline as published, not one tuned to synthdoc's light pages.
+PAD_FILL = (0, 0, 0)
+
+
 @dataclass(frozen=True)
 class SlicePlan:
     """How one image is cut. Pieces are the slices in row-major order, then the overview."""
@@ -49,6 +83,7 @@ class SlicePlan:
     grid: Grid | None = None  # None: the image is not sliced, the overview is the only piece
     slice_size: Size | None = None
     pre_resized: Size | None = None  # set when the long side was resized before planning
+    letterbox: Letterbox | None = None  # anyres: the image fills only this box of the padded refine canvas
 
     @property
     def planned(self) -> Size:
@@ -61,7 +96,8 @@ class SlicePlan:
 
     @property
     def refine_size(self) -> Size | None:
-        """The size the whole image is resized to before it is cut into slices."""
+        """The size of the image that is cut into slices: the whole image resized to it, or (with a
+        ``letterbox``) the padded canvas the resized image is pasted on."""
         if self.grid is None or self.slice_size is None:
             return None
         return Size(self.slice_size.width * self.grid.cols, self.slice_size.height * self.grid.rows)
@@ -213,7 +249,9 @@ def plan_slices(width: int, height: int, config: SlicingConfig | None = None) ->
         pre_resized = Size(w, h)
     S, P, M = cfg.scale_resolution, cfg.patch_size, cfg.max_slices
     num_slices = min(math.ceil(w * h / (S * S)), M)
-    if num_slices <= 1:
+    if cfg.mode != "uhd":
+        plan = _plan_baseline(width, height, (w, h), cfg, pre_resized)
+    elif num_slices <= 1:
         _check_aspect(width, height, (w, h), S, cfg.upscale_small, "overview")
         overview = best_resize((w, h), S, P, upscale=cfg.upscale_small)
         plan = SlicePlan(width, height, P, overview=overview, pre_resized=pre_resized)
@@ -238,9 +276,73 @@ def plan_slices(width: int, height: int, config: SlicingConfig | None = None) ->
     return plan
 
 
+def anyres_grid(width: int, height: int, tile: int, max_tiles: int) -> Grid | None:
+    """LLaVA-NeXT's choice of canvas for an image of ``width`` x ``height`` (its select_best_resolution).
+
+    Among the :data:`ANYRES_CANVASES` of at most ``max_tiles`` tiles of ``tile`` pixels, the one where the
+    image, scaled to fit (``int()`` of each side), shows the most of its own pixels (never counting more
+    than the image has, so small images do not favour big canvases), then the one with the least canvas
+    area left over; on a full tie the earlier canvas stays. None if no canvas has few enough tiles.
+    """
+    best, best_effective, best_wasted = None, 0, math.inf
+    for grid in ANYRES_CANVASES:
+        if grid.rows * grid.cols > max_tiles:
+            continue
+        canvas_w, canvas_h = grid.cols * tile, grid.rows * tile
+        scale = min(canvas_w / width, canvas_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = canvas_w * canvas_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = grid, effective, wasted
+    return best
+
+
+def letterbox(width: int, height: int, canvas: Size) -> Letterbox:
+    """Fit ``width`` x ``height`` into ``canvas`` keeping the aspect ratio, centred (LLaVA-NeXT's rule).
+
+    The side whose scale is smaller fills the canvas; the other is ``ceil(side * scale)`` (at most the
+    canvas). The offsets are the floor of half the slack, so an odd remainder pads the right or bottom.
+    """
+    scale_w, scale_h = canvas.width / width, canvas.height / height
+    if scale_w < scale_h:
+        new_w, new_h = canvas.width, min(math.ceil(height * scale_w), canvas.height)
+    else:
+        new_w, new_h = min(math.ceil(width * scale_h), canvas.width), canvas.height
+    return Letterbox((canvas.width - new_w) // 2, (canvas.height - new_h) // 2, new_w, new_h)
+
+
+def _plan_baseline(
+    width: int, height: int, planned: tuple[int, int], cfg: SlicingConfig, pre_resized: Size | None
+) -> SlicePlan:
+    """The ``resize`` and ``anyres`` plans (module docstring); ``planned`` is the size after any pre-resize."""
+    S, P = cfg.scale_resolution, cfg.patch_size
+    square = Size(S, S)
+    grid = anyres_grid(*planned, S, cfg.max_slices) if cfg.mode == "anyres" else None
+    if grid is None:  # resize, or anyres under a slice limit below every canvas: the base image alone
+        return SlicePlan(width, height, P, overview=square, pre_resized=pre_resized)
+    box = letterbox(*planned, Size(grid.cols * S, grid.rows * S))
+    return SlicePlan(width, height, P, square, grid, square, pre_resized, box)
+
+
 def overview_plan(plan: SlicePlan) -> SlicePlan:
     """The same plan without slices: its only piece is the overview (the paper's stage 1 trains on it)."""
-    return dataclasses.replace(plan, grid=None, slice_size=None)
+    return dataclasses.replace(plan, grid=None, slice_size=None, letterbox=None)
+
+
+def refine_image(image: Image.Image, plan: SlicePlan, resample: int | None = None) -> Image.Image | None:
+    """The image the slices are cut from: ``image`` (at the planned size) resized to the refine size,
+    or resized into the plan's letterbox on a :data:`PAD_FILL` canvas; None for an unsliced plan."""
+    from PIL import Image as PILImage
+
+    bicubic = PILImage.Resampling.BICUBIC if resample is None else resample
+    if plan.refine_size is None:
+        return None
+    if plan.letterbox is None:
+        return image.resize(plan.refine_size, bicubic)
+    box = plan.letterbox
+    canvas = PILImage.new("RGB", plan.refine_size, PAD_FILL)
+    canvas.paste(image.resize((box.width, box.height), bicubic), (box.left, box.top))
+    return canvas
 
 
 def apply_plan(
@@ -248,8 +350,8 @@ def apply_plan(
 ) -> tuple[list[Image.Image], Image.Image]:
     """Cut an RGB PIL image by ``plan``: returns (slices in row-major order, overview).
 
-    One bicubic resize of the whole image to the refine size, then crops; one bicubic resize of the whole
-    image to the overview size. The image's size must be the size the plan was made for (pre-resize,
+    One bicubic resize of the whole image to the refine size (or into its letterbox), then crops; one
+    bicubic resize of the whole image to the overview size. The image's size must be the size the plan was made for (pre-resize,
     if any, is applied here first).
     """
     from PIL import Image as PILImage
@@ -262,7 +364,7 @@ def apply_plan(
     if plan.pre_resized is not None:
         image = image.resize(plan.pre_resized, bicubic)
     overview = image.resize(plan.overview, bicubic)
-    if plan.refine_size is None:
+    refine = refine_image(image, plan, bicubic)
+    if refine is None:
         return [], overview
-    refine = image.resize(plan.refine_size, bicubic)
     return [refine.crop(box) for box in plan.slice_boxes()], overview

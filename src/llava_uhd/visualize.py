@@ -10,7 +10,7 @@ from __future__ import annotations
 from PIL import Image, ImageDraw, ImageFont
 
 from llava_uhd.layout import layout_string, visual_token_count
-from llava_uhd.slicing import SlicePlan, apply_plan
+from llava_uhd.slicing import SlicePlan, apply_plan, refine_image
 
 CANVAS_WIDTH = 1400
 MARGIN = 24
@@ -100,7 +100,13 @@ def render_plan(image: Image.Image, plan: SlicePlan, num_queries: int, title: st
     inner = CANVAS_WIDTH - 2 * MARGIN
     line_height = FONT_SIZE + 8
 
-    source = _grid_on_source(image, plan, SOURCE_PANEL_WIDTH, SOURCE_PANEL_WIDTH)
+    shown_source = image
+    if plan.letterbox is not None:  # anyres: the grid cuts the padded canvas, not the image itself
+        planned = (
+            image if plan.pre_resized is None else image.resize(plan.pre_resized, Image.Resampling.BICUBIC)
+        )
+        shown_source = refine_image(planned, plan)
+    source = _grid_on_source(shown_source, plan, SOURCE_PANEL_WIDTH, SOURCE_PANEL_WIDTH)
     overview_width = inner - source.width - 2 * GAP
     overview_scale = min(1.0, overview_width / overview.width, source.height / overview.height)
     overview_shown = _with_patch_grid(overview, patch, overview_scale)

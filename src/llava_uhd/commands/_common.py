@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
-from llava_uhd.config import Preset, get_preset
+from llava_uhd.config import Preset, SlicingMode, get_preset
 from llava_uhd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -34,6 +34,12 @@ def add_preset_arguments(parser: argparse.ArgumentParser, default_preset: str = 
     group.add_argument("--no-upscale", action="store_true", help="do not upscale small unsliced images")
     group.add_argument("--max-vit-patches", type=int, default=None, help="refuse plans with more ViT patches")
     group.add_argument("--max-image-pixels", type=int, default=None, help="refuse images with more pixels")
+    group.add_argument(
+        "--mode",
+        choices=get_args(SlicingMode),
+        default=None,
+        help="slicing mode: uhd (the paper's slices), resize (LLaVA-1.5: one SxS view), anyres (LLaVA-NeXT tiles)",
+    )
 
 
 def preset_from_args(args: argparse.Namespace) -> Preset:
@@ -46,6 +52,7 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
         "pre_resize_long_side": args.pre_resize_long_side,
         "max_vit_patches": args.max_vit_patches,
         "max_image_pixels": args.max_image_pixels,
+        "mode": args.mode,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_upscale:

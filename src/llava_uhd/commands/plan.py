@@ -72,6 +72,10 @@ def plan_record(plan: SlicePlan, preset: Preset) -> dict[str, Any]:
     if preset.slicing.pre_resize_long_side is not None:
         assert plan.pre_resized is not None
         record["pre_resized"] = {"width": plan.pre_resized.width, "height": plan.pre_resized.height}
+    if preset.slicing.mode != "uhd":  # the baselines (--mode); uhd records stay as they were
+        record["mode"] = preset.slicing.mode
+        if plan.letterbox is not None:
+            record["letterbox"] = plan.letterbox._asdict()
     return record
 
 
@@ -99,6 +103,13 @@ def _add_flops(record: dict[str, Any], plan: SlicePlan, preset: Preset, text_tok
     record["llava15_flops"] = llava15_flops(preset, text_tokens)
 
 
+def _letterbox_text(plan: SlicePlan) -> str:
+    box = plan.letterbox
+    if box is None:
+        return ""
+    return f" (image resized to {box.width}x{box.height} at ({box.left}, {box.top}) of the padded canvas)"
+
+
 def _describe(item: str, record: dict[str, Any], plan: SlicePlan, preset: Preset) -> str:
     grid = record["grid"]
     grid_text = "no slices" if grid is None else f"{grid['cols']}x{grid['rows']} grid (cols x rows)"
@@ -107,7 +118,7 @@ def _describe(item: str, record: dict[str, Any], plan: SlicePlan, preset: Preset
     text = (
         (size if item == size else f"{item}: {size}")  # a file is named, then its size
         + (f" -> pre-resized {plan.pre_resized.width}x{plan.pre_resized.height}" if plan.pre_resized else "")
-        + f": {grid_text}{slice_text}, overview {plan.overview.width}x{plan.overview.height}, "
+        + f": {grid_text}{slice_text}{_letterbox_text(plan)}, overview {plan.overview.width}x{plan.overview.height}, "
         f"{record['vit_patches']} ViT patches, {record['llm_tokens']} LLM tokens\n"
         f"  layout: {layout_string(plan, preset.resampler.num_queries)}"
     )

@@ -1,9 +1,10 @@
 """Dense per-patch labels of a synthdoc page as each piece of the model sees it (vision pretraining targets).
 
 A :class:`View` maps page pixels to a piece's pixels (``piece = page * scale - offset``): the slices of a
-:class:`~llava_uhd.slicing.SlicePlan` are crops of the page resized to the refine size, the overview is the
-page resized to the overview size, and a window cut from a piece is that piece's view shifted. On a view
-two targets are read off the drawn :class:`~llava_uhd.synth.synthdoc.Document`:
+:class:`~llava_uhd.slicing.SlicePlan` are crops of the page resized to the refine size (or into its
+letterbox), the overview is the page resized to the overview size, and a window cut from a piece is
+that piece's view shifted. On a view two targets are read off the drawn
+:class:`~llava_uhd.synth.synthdoc.Document`:
 
 * glyphs: each patch is split into 2 x 2 sub-cells; a sub-cell's target is the character whose ink centre
   lies in it, or :data:`GLYPH_NONE`. Asking "which character is centred here" keeps the target sharp
@@ -54,9 +55,14 @@ def piece_views(plan: SlicePlan) -> list[View]:
     p = plan.patch_size
     views = []
     if plan.refine_size is not None:
-        sx, sy = plan.refine_size.width / w, plan.refine_size.height / h
+        box = plan.letterbox  # anyres: the page fills only this box of the padded canvas
+        placed = plan.refine_size if box is None else box
+        sx, sy = placed.width / w, placed.height / h
+        shift_x, shift_y = (0, 0) if box is None else (box.left, box.top)
         for left, top, right, bottom in plan.slice_boxes():
-            views.append(View(sx, sy, left, top, (bottom - top) // p, (right - left) // p))
+            views.append(
+                View(sx, sy, left - shift_x, top - shift_y, (bottom - top) // p, (right - left) // p)
+            )
     ov = plan.overview
     views.append(View(ov.width / w, ov.height / h, 0.0, 0.0, ov.height // p, ov.width // p))
     return views
