@@ -52,8 +52,12 @@ def main() -> None:
     for name in sorted(p.name for p in args.source.iterdir()):
         if name in KEEP:
             shutil.copy(args.source / name, TARGET / name)
+    model, processor = load_pretrained(args.source)
+    # the processor in this version's layout (chat template, processor_config.json), whatever version
+    # of the code trained the source
+    processor.save_pretrained(TARGET)
     write_model_card(TARGET, Preset.load(TARGET / PRESET_FILE))
-    source = evaluate_synthdoc(*load_pretrained(args.source), **SHIPPED_SET)
+    source = evaluate_synthdoc(model, processor, **SHIPPED_SET)
     copy = evaluate_synthdoc(*load_pretrained(TARGET), **SHIPPED_SET)
     assert source == copy, (source["by_kind"], copy["by_kind"])
     record = {
