@@ -103,7 +103,8 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def torch_device(name: str | None) -> torch.device:
-    """``--device`` as a torch device (None: CUDA if present, else the CPU), refused with the flag named when torch cannot use it here."""
+    """``--device`` as a torch device (None: CUDA if present, else the CPU), refused with the flag named
+    when torch cannot use it here."""
     import torch
 
     if name is None:
