@@ -61,36 +61,32 @@ def _records(path: Path, key: str) -> list[dict]:
     ]
 
 
-def curves(runs: Path) -> str:
-    lines = []
-    probe = _records(runs / "stage0" / "metrics.jsonl", "slice_char_acc")
-    if probe:
-        lines += ["Stage 0 (probe on 60 validation pages at each evaluation):", ""]
-        lines += [
-            "| step | wall min | slice chars | slice codes | overview chars |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        lines += [
+def _probe_table(run: Path, title: str) -> list[str]:
+    """The probe records of one stage-0 run as a markdown table under ``title`` (nothing without them)."""
+    probe = _records(run / "metrics.jsonl", "slice_char_acc")
+    if not probe:
+        return []
+    return [
+        "",
+        title,
+        "",
+        "| step | wall min | slice chars | slice codes | overview chars |",
+        "| --- | --- | --- | --- | --- |",
+        *(
             f"| {r['step']} | {r['wall_s'] / 60:.0f} | {r['slice_char_acc']:.3f} | {r['slice_code_acc']:.3f} "
             f"| {r['overview_char_acc']:.3f} |"
             for r in probe
-        ]
-    through = _records(runs / "stage0-resampler" / "metrics.jsonl", "slice_char_acc")
-    if through:
-        lines += [
-            "",
-            "Stage 0 of the resampler (the probe read through its 36 tokens by the dense decoder):",
-            "",
-        ]
-        lines += [
-            "| step | wall min | slice chars | slice codes | overview chars |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        lines += [
-            f"| {r['step']} | {r['wall_s'] / 60:.0f} | {r['slice_char_acc']:.3f} | {r['slice_code_acc']:.3f} "
-            f"| {r['overview_char_acc']:.3f} |"
-            for r in through
-        ]
+        ),
+    ]
+
+
+def curves(runs: Path) -> str:
+    lines = []
+    lines += _probe_table(runs / "stage0", "Stage 0 (probe on 60 validation pages at each evaluation):")
+    lines += _probe_table(
+        runs / "stage0-resampler",
+        "Stage 0 of the resampler (the probe read through its 36 tokens by the dense decoder):",
+    )
     qa = _records(runs / "stage2" / "metrics.jsonl", "synthdoc_count")
     if qa:
         lines += ["", "Stage 2 (all questions of 16 validation pages at each evaluation):", ""]

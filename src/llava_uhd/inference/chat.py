@@ -7,9 +7,9 @@ conversation through the processor as training renders one
 (:meth:`~llava_uhd.processing.LlavaUHDProcessor.encode_conversation`, the step of
 :meth:`~llava_uhd.processing.LlavaUHDProcessor.prepare` after the image is read and planned, with
 ``generation_prompt=True``), so the prompt of turn k has the ids training makes of the same k - 1
-exchanges and question. The kept features fill its placeholders
-(:meth:`~llava_uhd.model.llava_uhd.LlavaUHDForConditionalGeneration.embed_with_features`) and the model
-generates from those embeddings; the image is not read, sliced or encoded again.
+exchanges and question. The kept features go to ``generate`` as ``image_features`` (the way the server's
+image-feature cache feeds them), which fill the prompt's placeholders; the image is not read, sliced or
+encoded again.
 
 The image goes before the first question, as :func:`~llava_uhd.inference.generate.question_turns` puts
 it for a single question, so the first answer is the one ``ask`` gives. Dimensions: N pieces, Q queries
@@ -99,9 +99,9 @@ class ChatSession:
         settings = self._settings(len(encoded.input_ids))
         device = self.model.device
         ids = torch.tensor([encoded.input_ids], dtype=torch.long, device=device)  # (1, T)
-        with torch.inference_mode():
-            embeds = self.model.embed_with_features(ids, self.image.features if self.image else None)
-        inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones_like(ids)}
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.image is not None:
+            inputs["image_features"] = self.image.features
         stream = (
             TextStream(self.processor.tokenizer, on_text) if on_text and settings.num_beams == 1 else None
         )

@@ -93,11 +93,11 @@ def generate_text(
 ) -> str:
     """Generate from the model inputs of one prompt and decode the new tokens (special tokens dropped).
 
-    ``inputs`` are on the model's device: the processor's keys, or ``inputs_embeds`` and
-    ``attention_mask`` (generate then returns only the new tokens). ``streamer`` receives the tokens as
+    ``inputs`` are on the model's device: the processor's keys, or ``input_ids``, ``attention_mask`` and
+    cached ``image_features``. ``streamer`` receives the tokens as
     they come (greedy or sampling only: transformers streams no beam search).
     """
-    prompt_length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+    prompt_length = inputs["input_ids"].shape[1]
     with torch.inference_mode(), seeded(settings.seed, model.device):
         output = model.generate(
             **inputs,

@@ -39,7 +39,7 @@ class TextStream(BaseStreamer):
 
     def put(self, value: torch.Tensor) -> None:
         """New token ids: (1, T) the prompt (the first call, skipped), then (1,) or (1, 1) per step."""
-        if not self._prompt_seen:  # generate first puts the prompt's ids (none for inputs_embeds)
+        if not self._prompt_seen:  # generate first puts the prompt's ids
             self._prompt_seen = True
             return
         self._ids.extend(value.reshape(-1).tolist())

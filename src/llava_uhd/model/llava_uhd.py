@@ -141,8 +141,8 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def embed_with_features(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """(B, T) ids and the (N, Q, D) output of :meth:`encode_pieces` (None: no images) -> (B, T, D).
 
-        The step of :meth:`embed_inputs` after the vision encoding, for callers that keep an image's
-        features across requests (a chat encodes its image once). Placeholder ids are looked up as id 0
+        The step of :meth:`embed_inputs` after the vision encoding (callers that keep an image's features
+        across requests pass them to ``generate`` as ``image_features``). Placeholder ids are looked up as id 0
         (so the vocabulary is never resized) and then overwritten.
         """
         image_mask = self._placeholder_mask(input_ids)  # (B, T)
@@ -225,17 +225,13 @@ class LlavaUHDForConditionalGeneration(PreTrainedModel, GenerationMixin):
         piece_grids: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
-        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """The LM's step inputs; images only on the prefill step (later steps reuse the KV cache).
-
-        ``inputs_embeds`` (from :meth:`embed_with_features`) replace the prompt's ids on the prefill step;
-        naming it here is how ``generate`` learns that this model accepts it.
-        """
+        """The LM's step inputs; images (pixels, or cached ``image_features``) only on the prefill step
+        (later steps reuse the KV cache)."""
         kwargs.pop("pieces_per_image", None)
         inputs = super().prepare_inputs_for_generation(
-            input_ids, is_first_iteration=is_first_iteration, inputs_embeds=inputs_embeds, **kwargs
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
         )
         if is_first_iteration or not kwargs.get("use_cache", True):
             inputs["pixel_values"] = pixel_values
