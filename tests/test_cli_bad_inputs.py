@@ -212,6 +212,8 @@ CASES: list[tuple[str, str, int, str]] = [
     ("synthdoc-json-name-a-path", "synthdoc data {r}/pages --n 1 --json-name ../x.json", 2, "'../x.json'"),
     ("synthdoc-tokenizer-out-a-file", "synthdoc tokenizer {r}/file", 2, "file: exists and is not a folder"),
     ("demo-no-model-folder", "demo --model {r}/nope", 2, "nope: no such model folder"),
+    ("serve-beams-over-limit", "serve --num-beams 9 --port 0", 2, "--num-beams 9 is over --max-beams 8"),
+    ("serve-bad-port", "serve --port 70000", 2, "--port must be in 0..65535, got 70000"),
     ("demo-missing-image", "demo --model {m} --image {r}/nope.png", 2, "nope.png: no such file"),
     ("demo-out-dir-a-file", "demo --model {m} --out-dir {r}/file", 2, "--out-dir"),
 ]

@@ -155,6 +155,29 @@ def test_max_tokens_stop_and_seed(client, example_url):
     assert sampled[0] == sampled[1]
 
 
+def test_beam_search_answers_as_the_library_and_arrives_whole_when_streamed(server, client, example_url):
+    engine, _ = server
+    expected = answer(engine.model, engine.processor, [str(EXAMPLE)], QUESTION, max_new_tokens=8, num_beams=3)
+    messages = [image_message(example_url, QUESTION)]
+    widths = []
+    generate = engine.model.generate
+
+    def spy(*args, **kwargs):  # the bundled model's beams agree with greedy: check the search ran
+        widths.append(kwargs["num_beams"])
+        return generate(*args, **kwargs)
+
+    engine.model.generate = spy
+    try:
+        reply = _ask(client, messages, max_tokens=8, extra_body={"num_beams": 3})
+        stream = _ask(client, messages, max_tokens=8, stream=True, extra_body={"num_beams": 3})
+        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    finally:
+        del engine.model.generate
+    assert widths == [3, 3]
+    assert reply.choices[0].message.content.strip() == expected
+    assert "".join(pieces) == reply.choices[0].message.content
+
+
 def test_a_repeated_image_skips_the_vision_tower(server, client):
     engine, _ = server
     calls = []
@@ -269,6 +292,8 @@ HOSTILE = [
     ("unknown part", _chat([{"type": "video", "url": "x"}]), 400, "messages.0.content.0", "invalid_type"),
     ("no messages", json.dumps({"messages": []}).encode(), 400, "messages", "invalid_type"),
     ("n > 1", _chat("hi", n=2), 400, "n", "invalid_type"),
+    ("no beams", _chat("hi", num_beams=0), 400, "num_beams", "invalid_type"),
+    ("too many beams", _chat("hi", num_beams=9), 400, "num_beams", "--max-beams"),
     (
         "bad base64",
         _image_chat("data:image/png;base64,@@@not base64@@@"),

@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     decoding.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     decoding.add_argument("--seed", type=int, default=None, help="sampling seed when a request gives none")
+    decoding.add_argument(
+        "--num-beams",
+        "--beams",
+        type=int,
+        default=1,
+        help="beam search width when a request gives no num_beams (1: greedy or sampling)",
+    )
     batching = parser.add_argument_group("batching and cache")
     batching.add_argument(
         "--max-batch", type=int, default=16, help="most requests in one model batch (16; 1: no batching)"
@@ -71,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument(
         "--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask (1024)"
     )
+    limits.add_argument("--max-beams", type=int, default=8, help="the widest num_beams a request may ask (8)")
     limits.add_argument(
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public addresses only)"
     )
@@ -91,6 +99,7 @@ def server_limits(args: argparse.Namespace):  # -> ServerLimits (imported lazily
         max_visual_tokens=args.max_visual_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens_limit,
+        max_beams=args.max_beams,
         max_queue=args.max_queue,
         remote_timeout_s=args.remote_timeout,
     )
@@ -121,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        num_beams=args.num_beams,
         max_batch=args.max_batch,
         batch_window_s=args.batch_window_ms / 1000,
         image_cache_mib=args.image_cache_mib,

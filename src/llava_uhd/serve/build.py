@@ -7,6 +7,7 @@ from typing import Any
 
 from llava_uhd.auto import load_pretrained
 from llava_uhd.bundled import model_dir
+from llava_uhd.errors import ConfigError
 from llava_uhd.inference.generate import GenerationOptions
 from llava_uhd.inference.image_cache import ImageFeatureCache
 from llava_uhd.serve.batcher import Batcher
@@ -25,6 +26,7 @@ def build_server(
     temperature: float = 0.0,
     top_p: float | None = None,
     seed: int | None = None,
+    num_beams: int = 1,
     max_batch: int = 16,
     batch_window_s: float = 0.01,
     image_cache_mib: float = 512.0,
@@ -32,7 +34,12 @@ def build_server(
 ) -> tuple[Engine, Batcher]:
     """The engine and the running batcher of a server for ``model`` (a folder; None: the bundled model)."""
     limits = limits or ServerLimits()
-    GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)  # checks them
+    # checks them
+    GenerationOptions(
+        max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, top_p=top_p
+    )
+    if num_beams > limits.max_beams:
+        raise ConfigError(f"--num-beams {num_beams} is over --max-beams {limits.max_beams}")
     folder = model_dir(model)
     loaded, processor = load_pretrained(folder, device=device, dtype=dtype)
     loaded.eval()
@@ -42,7 +49,9 @@ def build_server(
         limits=limits,
         cache=ImageFeatureCache(image_cache_mib),
         metrics=Metrics(),
-        defaults=Defaults(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
+        defaults=Defaults(
+            max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, num_beams=num_beams
+        ),
         allow_remote_images=allow_remote_images,
         name=folder.resolve().name,
     )

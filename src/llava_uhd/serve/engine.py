@@ -9,7 +9,9 @@ plans. Every limit is checked here, before the request waits for the model.
 and the resampler in one packed call (pieces of any slice counts together, docs/INTERFACES.md), their
 tokens enter the cache, and one ``generate`` call answers every job, left-padded, with the tokens of all
 images passed as ``image_features``. Each row streams its own text, stops on its own ``max_tokens``, stop
-strings or end token, and stops at once when its client goes away.
+strings or end token, and stops at once when its client goes away. Beam search cannot stream (a beam's
+text is not final until the search ends), so a beam job's answer arrives whole when its batch is done,
+cut by the same stop rules; its batch stops early only when every client of it has gone.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llava_uhd.errors import LlavaUHDError
 from llava_uhd.images import probe_image_size
-from llava_uhd.inference.generate import GenerationOptions
+from llava_uhd.inference.generate import GenerationOptions, seeded
 from llava_uhd.inference.image_cache import ImageFeatureCache, ImageFeatures, image_key
 from llava_uhd.processing import ImageBatch
 from llava_uhd.serve.image_urls import image_bytes
@@ -103,6 +105,7 @@ class Job:
     top_p: float | None
     seed: int | None
     stop: tuple[str, ...]
+    num_beams: int = 1
     emit: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = 0.0
@@ -111,10 +114,12 @@ class Job:
     @property
     def batch_key(self) -> tuple:
         """Jobs batch together only when one ``generate`` call can serve them all: greedy with greedy,
-        sampling with the same settings; a seeded sampling job runs alone, so its seed reproduces it."""
+        sampling with the same settings, beam search of one width with the same; a seeded sampling job
+        runs alone, so its seed reproduces it."""
         if self.temperature == 0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, self.number if self.seed is not None else None)
+            return ("greedy", self.num_beams)
+        alone = self.number if self.seed is not None else None
+        return ("sample", self.num_beams, self.temperature, self.top_p, alone)
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class Defaults:
     temperature: float = 0.0
     top_p: float | None = None
     seed: int | None = None
+    num_beams: int = 1
 
 
 class Engine:
@@ -192,6 +198,9 @@ class Engine:
                 "messages",
             )
         max_tokens = self._max_tokens(request.max_tokens, prompt)
+        num_beams = self.defaults.num_beams if request.num_beams is None else request.num_beams
+        if num_beams > limits.max_beams:
+            raise over_limit("num_beams", num_beams, limits.max_beams, "--max-beams", "num_beams")
         return Job(
             input_ids=list(encoded.input_ids),
             images=images,
@@ -206,6 +215,7 @@ class Engine:
             top_p=self.defaults.top_p if request.top_p is None else request.top_p,
             seed=self.defaults.seed if request.seed is None else request.seed,
             stop=request.stop,
+            num_beams=num_beams,
         )
 
     def _max_tokens(self, asked: int | None, prompt: int) -> int:
@@ -316,23 +326,35 @@ class Engine:
         first = jobs[0]
         options = GenerationOptions(
             max_new_tokens=max(job.max_tokens for job in jobs),
+            num_beams=first.num_beams,
             temperature=first.temperature,
             top_p=first.top_p,
         )
-        if first.seed is not None and first.temperature > 0:
-            torch.manual_seed(first.seed)
         rows = [_Row(job, tokenizer) for job in jobs]
-        streamer = _Streamer(rows, self.metrics, device)
-        self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            image_features=torch.cat(present) if present else None,
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]),
-            pad_token_id=pad_token_id(tokenizer),
-            eos_token_id=tokenizer.eos_token_id,
+        inputs = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "image_features": torch.cat(present) if present else None,
+            "pad_token_id": pad_token_id(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
             **options.generate_kwargs(),
-        )
+        }
+        with seeded(first.seed if first.temperature > 0 else None, device):
+            if first.num_beams == 1:
+                streamer = _Streamer(rows, self.metrics, device)
+                self.model.generate(
+                    **inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowsDone(rows)])
+                )
+                return
+            start = time.perf_counter()
+            output = self.model.generate(**inputs, stopping_criteria=StoppingCriteriaList([_AllGone(rows)]))
+        for row, tokens in zip(rows, output[:, length:].tolist(), strict=True):
+            for token in tokens:
+                row.add(token)
+            row.end()
+        took = time.perf_counter() - start
+        self.metrics.add_stage("decode_steps", took)  # prefill and steps: a beam search has no first token
+        self.metrics.add_batch(len(rows), sum(len(r.tokens) for r in rows), took)
 
 
 def _sync(device: torch.device) -> None:
@@ -433,3 +455,14 @@ class _RowsDone(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         done = [row.finished or row.job.cancelled.is_set() for row in self.rows]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _AllGone(StoppingCriteria):
+    """Beam search: stop every beam once no client of the batch is left (rows are batch x beams)."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        gone = all(row.job.cancelled.is_set() for row in self.rows)
+        return torch.full((input_ids.shape[0],), gone, dtype=torch.bool, device=input_ids.device)

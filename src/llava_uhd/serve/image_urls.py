@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import http.client
 import ipaddress
 import socket
 import ssl
-import time
+import threading
 from urllib.parse import urlsplit
 
 from llava_uhd.serve.limits import ApiError, ServerLimits, bad_request, over_limit
@@ -141,17 +142,30 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 
 def fetch_remote(url: str, param: str, limits: ServerLimits) -> bytes:
-    """GET ``url`` from a public address within ``limits.max_image_bytes`` and ``limits.remote_timeout_s``."""
+    """GET ``url`` from a public address within ``limits.max_image_bytes`` and ``limits.remote_timeout_s``.
+
+    The time limit is one deadline for the whole exchange (connect, headers, body): a socket timeout
+    alone bounds each read, and a server trickling a byte at a time would pass every one of them.
+    """
     parts = urlsplit(url)
     if not parts.hostname or parts.username or parts.password:
         raise bad_request("a remote image URL needs a host and no credentials", param, "unsupported_url")
     https = parts.scheme.lower() == "https"
     port = parts.port or (443 if https else 80)
     address = public_address(parts.hostname, port, param)
-    deadline = time.monotonic() + limits.remote_timeout_s
     kind = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
     connection = kind(parts.hostname, address, port, limits.remote_timeout_s)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    expired = threading.Event()
+
+    def expire() -> None:  # unblocks a read in progress on the request thread
+        expired.set()
+        if connection.sock is not None:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(limits.remote_timeout_s, expire)
+    timer.start()
     try:
         connection.request("GET", target, headers={"User-Agent": "llava-uhd-serve", "Accept": "image/*"})
         response = connection.getresponse()
@@ -159,7 +173,9 @@ def fetch_remote(url: str, param: str, limits: ServerLimits) -> bytes:
             raise bad_request(f"the image URL answered HTTP {response.status}", param, "remote_image_failed")
         chunks: list[bytes] = []
         size = 0
-        while chunk := response.read(_READ_CHUNK):
+        while chunk := response.read1(_READ_CHUNK):  # what has arrived, not a full chunk
+            if expired.is_set():  # on Linux a shut-down socket still reads what keeps arriving
+                raise _timeout(limits, param)
             size += len(chunk)
             if size > limits.max_image_bytes:
                 raise over_limit(
@@ -169,16 +185,19 @@ def fetch_remote(url: str, param: str, limits: ServerLimits) -> bytes:
                     "--max-image-mb",
                     param,
                 )
-            if time.monotonic() > deadline:
-                raise _timeout(limits, param)
             chunks.append(chunk)
+        if expired.is_set():  # a read the shutdown unblocked ends as if the body were complete
+            raise _timeout(limits, param)
     except TimeoutError:
         raise _timeout(limits, param) from None
     except (OSError, http.client.HTTPException) as exc:
+        if expired.is_set():
+            raise _timeout(limits, param) from None
         raise bad_request(
             f"the image URL could not be fetched ({exc})", param, "remote_image_failed"
         ) from None
     finally:
+        timer.cancel()
         connection.close()
     return b"".join(chunks)
 

@@ -28,6 +28,8 @@ class ServerLimits:
         max_visual_tokens: LLM tokens all images of one request take (``--max-visual-tokens``).
         max_prompt_tokens: the whole prompt, visual tokens included (``--max-prompt-tokens``).
         max_tokens: the most tokens one request may ask to generate (``--max-tokens-limit``).
+        max_beams: the widest beam search one request may ask (``--max-beams``; each beam is a row of
+            the batch, so this bounds a request's memory as max_tokens bounds its time).
         max_queue: requests waiting for the model; one more is answered 503 (``--max-queue``).
         remote_timeout_s: the time one remote image download may take (``--remote-timeout``).
     """
@@ -39,6 +41,7 @@ class ServerLimits:
     max_visual_tokens: int = 4096
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024
+    max_beams: int = 8
     max_queue: int = 64
     remote_timeout_s: float = 10.0
 

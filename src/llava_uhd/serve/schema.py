@@ -4,7 +4,8 @@ Messages are ``system`` (or ``developer``), ``user`` and ``assistant``; ``conten
 of ``text`` and ``image_url`` parts. Images belong to user messages and go in front of that message's
 text, each on its own line, as the model saw them in training (one ``<image>`` per image part, in order).
 Fields are checked strictly: a wrong type is refused, never coerced. Fields of the OpenAI API this server
-has no use for (``model``, ``user``, ``logprobs`` false, ...) are accepted and ignored.
+has no use for (``model``, ``user``, ``logprobs`` false, ...) are accepted and ignored. Beyond the OpenAI
+API, ``num_beams`` asks for beam search (the openai client sends it with ``extra_body``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class ChatCompletionBody(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
+    num_beams: int | None = Field(default=None, ge=1)
     n: int | None = Field(default=None, ge=1, le=1)
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -81,6 +83,7 @@ class ChatRequest:
     temperature: float | None
     top_p: float | None
     seed: int | None
+    num_beams: int | None
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
@@ -109,6 +112,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         temperature=parsed.temperature,
         top_p=parsed.top_p,
         seed=parsed.seed,
+        num_beams=parsed.num_beams,
         stop=stop,
         stream=bool(parsed.stream),
         include_usage=parsed.stream_options is not None and parsed.stream_options.include_usage,
