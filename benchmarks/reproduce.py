@@ -283,6 +283,26 @@ def tables(results: dict[str, Any]) -> str:
         lines.append(f"| {ENCODINGS[mode]} | " + " | ".join(cells) + " |")
     lines += [
         "",
+        "Every question kind by the page's long side, with the bucket's costs per image:",
+        "",
+        "| encoding | long side (px) | "
+        + " | ".join(kinds)
+        + " | visual tokens / image | ViT patches / image | GFLOPs / image |",
+        "| --- | --- |" + " --- |" * (len(kinds) + 3),
+    ]
+    for mode, r in results.items():
+        runs = list(r["seeds"].values())
+        for b in _buckets():
+            c = r["costs"].get(b)
+            if c is None:
+                continue
+            lines.append(
+                f"| {ENCODINGS[mode]} | {b} | "
+                + " | ".join(_cell([_rates(x, k, b) for x in runs]) for k in kinds)
+                + f" | {c['tokens']:.0f} | {c['vit_patches']:.0f} | {c['flops'] / 1e9:.2f} |"
+            )
+    lines += [
+        "",
         "Stage-0 glyph probe: the frozen tower's glyph head read at each drawn character's true place, on the "
         "encoding's pieces of the test pages (per character; per whole code when one piece shows all of it):",
         "",

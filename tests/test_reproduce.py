@@ -70,6 +70,8 @@ def test_reproduce_writes_the_table_and_resumes(tmp_path: Path) -> None:
     assert float(cells["resize"][-4]) == 4 and float(cells["resize"][-3]) == 64
     assert 3 * 4 + 2 <= float(cells["anyres"][-4]) <= 5 * 4 + 4
     assert all(re.search(r"n=\d+", row) for row in rows.values())
+    buckets = [line for line in text.splitlines() if re.match(r"\| LLaVA-\S+ \S+ \| \d+-\d+ \|", line)]
+    assert buckets and all(len(line.split("|")) == 10 for line in buckets)  # 3 kinds and 3 costs a bucket
     assert "Stage-0 glyph probe" in text and "One seed per encoding" in text
     for mode in script.ENCODINGS:
         assert (tmp_path / "runs" / mode / "seed0" / "stage2" / "final" / "config.json").is_file()
