@@ -247,3 +247,41 @@ def test_lmms_model_args_are_checked(lmms_eval_models):
         cls.create_from_arg_string(
             f"pretrained={bundled_model_dir()}", {"batch_size": "auto", "device": "cpu"}
         )
+
+
+def test_lmms_openai_compatible_model_talks_to_our_server(
+    lmms_eval_models, documents, reference, monkeypatch
+):
+    """The documented API-model set-up: lmms-eval's ``openai_compatible`` (its chat backend) against the
+    server on loopback answers one request as the model itself does."""
+    pytest.importorskip("fastapi", reason="the server needs the serve extra")
+    pytest.importorskip("uvicorn", reason="the server needs the serve extra")
+    from llava_uhd.inference.generate import answer
+    from llava_uhd.serve.app import create_app
+    from llava_uhd.serve.build import build_server
+    from serve_helpers import running
+
+    doc = documents["synthdoc"]["test"][0]
+
+    def doc_to_messages(doc):
+        content = [{"type": "image", "url": doc["image"]}, {"type": "text", "text": doc["question"]}]
+        return [{"role": "user", "content": content}]
+
+    engine, batcher = build_server(None, max_new_tokens=8, batch_window_s=0.01, device="cpu")
+    try:
+        with running(create_app(engine, batcher)) as url:
+            # the documented environment: the API base and a key the server does not check
+            monkeypatch.setenv("OPENAI_API_BASE", f"{url}/v1")
+            monkeypatch.setenv("OPENAI_API_KEY", "none")
+            cls = lmms_eval_models.get_model("openai_compatible")
+            lm = cls.create_from_arg_string("model_version=llava-uhd,max_retries=1,timeout=60")
+            lm.task_dict = documents
+            gen_kwargs = {"max_new_tokens": 8, "temperature": 0}
+            request = lmms_instance(
+                "generate_until", ("", doc_to_messages, gen_kwargs, 0, "synthdoc", "test"), 0
+            )
+            (result,) = lm.generate_until([request])
+    finally:
+        batcher.close()
+    model, processor = reference
+    assert result.text == answer(model, processor, doc["image"], doc["question"], max_new_tokens=8)
