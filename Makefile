@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	# lmms-eval (extra eval) for the adapter's tests: its own requirements pull a CUDA torch, so it goes in
 	# --no-deps with the two that its request objects and model registry import
 	$(BIN)/pip install -q --no-deps "lmms-eval==0.7.3" "pytz" "loguru"
+	# its openai_compatible backend (the server as an API model) imports its metric registry: evaluate
+	# (datasets, pandas; no torch) and python-dotenv
+	$(BIN)/pip install -q "evaluate" "python-dotenv"
 	touch $(STAMP)
 
 setup: $(STAMP)
