@@ -573,8 +573,8 @@ class LlavaUHDProcessor(ProcessorMixin):
         (folder / PROCESSOR_FILE).write_text(json.dumps(self._options(), indent=2) + "\n")
         # transformers' own layout: the image processor's settings nested under its attribute name,
         # where AutoImageProcessor reads them (its slicing is the preset's, checked in __init__)
-        classes = {"processor_class": type(self).__name__, "image_processor": self.image_processor.to_dict()}
-        (folder / PROCESSOR_CONFIG_FILE).write_text(json.dumps(classes, indent=2) + "\n")
+        saved = {"processor_class": type(self).__name__, "image_processor": self.image_processor.to_dict()}
+        (folder / PROCESSOR_CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
         if isinstance(self.chat_template, str):
             (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
 
