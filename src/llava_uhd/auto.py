@@ -2,8 +2,9 @@
 
 This module sits above :mod:`llava_uhd.model` and :mod:`llava_uhd.processing` (the model never imports
 the processor). Importing it registers the model with ``AutoConfig``/``AutoModelForImageTextToText`` and
-the processor with ``AutoProcessor``, so ``AutoProcessor.from_pretrained(folder)`` works on a folder
-written by :func:`save_pretrained`.
+the processor with ``AutoProcessor`` and its image processor with ``AutoImageProcessor``, so
+``AutoProcessor.from_pretrained(folder)`` and ``AutoImageProcessor.from_pretrained(folder)`` work on a
+folder written by :func:`save_pretrained`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
 from llava_uhd.errors import CheckpointError, ConfigError
+from llava_uhd.image_processing import LlavaUHDImageProcessor
 from llava_uhd.model.configuration import LlavaUHDConfig, check_saved_config
 from llava_uhd.model.llava_uhd import LlavaUHDForConditionalGeneration
 from llava_uhd.model_card import write_model_card
@@ -31,6 +33,10 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 _NAMES_SHOWN = 3
 
 AutoProcessor.register(LlavaUHDConfig, LlavaUHDProcessor, exist_ok=True)
+# "pil": the backend whose resizing the image processor uses (transformers picks a class per backend)
+AutoImageProcessor.register(
+    LlavaUHDConfig, image_processor_classes={"pil": LlavaUHDImageProcessor}, exist_ok=True
+)
 
 
 def save_pretrained(

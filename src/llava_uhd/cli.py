@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
+from llava_uhd.commands._library_notices import without_import_notices
 from llava_uhd.errors import LlavaUHDError
 
 # Subcommands, each a module under llava_uhd.commands with HELP, add_arguments(parser) and run(args) -> int.
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the command's parser, so that the line names the command
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), without_import_notices():
         warnings.showwarning = _one_line_warning(args.command)
         try:
             return int(args._run(args) or 0)

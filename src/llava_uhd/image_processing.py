@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import BatchFeature
-from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_processing_utils import BaseImageProcessor
 
 from llava_uhd.config import SlicingConfig
 from llava_uhd.errors import ConfigError
@@ -43,7 +43,7 @@ def _grids_tensor(plans: Sequence[SlicePlan]) -> torch.Tensor:
     return torch.tensor(grids, dtype=torch.long).view(len(grids), 2)
 
 
-class LlavaUHDImageProcessor(ImageProcessingMixin):
+class LlavaUHDImageProcessor(BaseImageProcessor):
     """Decodes images, slices them by their plans and writes every piece's patches into one buffer.
 
     Args:
@@ -94,8 +94,9 @@ class LlavaUHDImageProcessor(ImageProcessingMixin):
             plans=tuple(plans),
         )
 
-    def __call__(self, images: ImageSource | Sequence[ImageSource], **kwargs: Any) -> BatchFeature:
-        """Encode ``images`` (one source or a list), each planned on its own with the slicing config.
+    def preprocess(self, images: ImageSource | Sequence[ImageSource], **kwargs: Any) -> BatchFeature:
+        """Encode ``images`` (one source or a list), each planned on its own with the slicing config; what
+        calling the image processor does.
 
         Returns a BatchFeature with ``pixel_values`` (Pt, C*P*P), ``piece_grids`` (N, 2) and
         ``pieces_per_image``. ``return_tensors`` may be None or "pt" (the tensors are torch either way).

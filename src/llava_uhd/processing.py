@@ -47,6 +47,7 @@ from llava_uhd.errors import ConfigError, PlaceholderMismatchError
 from llava_uhd.image_processing import ImageBatch, LlavaUHDImageProcessor
 from llava_uhd.images import ImageSource
 from llava_uhd.pixels import ResizeMode
+from llava_uhd.serialize import from_plain
 from llava_uhd.slicing import SlicePlan, overview_plan
 from llava_uhd.templates import (
     IGNORE_INDEX,
@@ -561,7 +562,8 @@ class LlavaUHDProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
         """Save the tokenizer, the preset YAML, the processor options and the chat template.
 
-        The folder also gets ``processor_config.json``, naming the class for ``AutoProcessor``.
+        The folder also gets ``processor_config.json``, naming the class for ``AutoProcessor`` and holding the
+        image processor's settings for ``AutoImageProcessor``.
         ``kwargs`` are what ``push_to_hub`` passes (``max_shard_size``); a processor has no shards.
         """
         folder = Path(save_directory)
@@ -569,9 +571,10 @@ class LlavaUHDProcessor(ProcessorMixin):
         self.tokenizer.save_pretrained(str(folder))
         self.preset.save(folder / PRESET_FILE)
         (folder / PROCESSOR_FILE).write_text(json.dumps(self._options(), indent=2) + "\n")
-        (folder / PROCESSOR_CONFIG_FILE).write_text(
-            json.dumps({"processor_class": type(self).__name__}, indent=2) + "\n"
-        )
+        # transformers' own layout: the image processor's settings nested under its attribute name,
+        # where AutoImageProcessor reads them (its slicing is the preset's, checked in __init__)
+        saved = {"processor_class": type(self).__name__, "image_processor": self.image_processor.to_dict()}
+        (folder / PROCESSOR_CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
         if isinstance(self.chat_template, str):
             (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
 
@@ -595,7 +598,9 @@ class LlavaUHDProcessor(ProcessorMixin):
         if isinstance(saved.get("chat_template"), str):
             options["chat_template"] = saved["chat_template"]
         options.update({key: rest[key] for key in rest if key in _SAVED_OPTIONS | {"chat_template"}})
-        return cls(load_tokenizer_folder(folder), Preset.load(folder / PRESET_FILE), **options)
+        preset = Preset.load(folder / PRESET_FILE)
+        _check_saved_slicing(folder / PROCESSOR_CONFIG_FILE, saved.get("image_processor"), preset.slicing)
+        return cls(load_tokenizer_folder(folder), preset, **options)
 
 
 def _saved_options(path: Path) -> dict[str, Any]:
@@ -613,6 +618,14 @@ def _saved_options(path: Path) -> dict[str, Any]:
     if not isinstance(options.get("image_token", IMAGE_TOKEN), str):
         raise ConfigError(f"{path}: image_token must be a string, got {options['image_token']!r}")
     return options
+
+
+def _check_saved_slicing(path: Path, image_processor: Any, slicing: SlicingConfig) -> None:
+    """The slicing ``AutoImageProcessor`` would read from ``path`` must be the preset's, which the
+    processor uses (folders saved before it was written there have none)."""
+    saved = image_processor.get("slicing") if isinstance(image_processor, dict) else None
+    if saved is not None and from_plain(SlicingConfig, saved, f"{path}: image_processor.slicing") != slicing:
+        raise ConfigError(f"{path}: the image processor's slicing differs from {PRESET_FILE}'s")
 
 
 def _check_placeholders(turns: Sequence[Turn], num_images: int) -> None:
