@@ -47,3 +47,16 @@ def test_it_answers_at_the_accuracy_it_shipped_with(shipped):
             name,
             report["targets"][name],
         )
+
+
+def test_its_image_processor_loads_through_transformers(shipped):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    _, processor, _ = shipped
+    loaded = AutoImageProcessor.from_pretrained(bundled_model_dir())
+    image = Image.new("RGB", (900, 500), (30, 120, 200))
+    ours, theirs = processor.image_processor([image]), loaded([image])
+    assert type(loaded) is type(processor.image_processor)
+    assert (ours.piece_grids == theirs.piece_grids).all()
+    assert (ours.pixel_values == theirs.pixel_values).all()
