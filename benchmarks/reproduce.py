@@ -387,7 +387,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def write_report(
-    results: dict[str, Any], out: Path, command: str, pages: dict[str, int], took: float
+    results: dict[str, Any],
+    out: Path,
+    command: str,
+    pages: dict[str, int],
+    took: float,
+    note: str | None = None,
 ) -> None:
     picture = out.with_suffix(".png")
     plot(results, picture)
@@ -412,6 +417,8 @@ no text).
 
 {discussion(results)}
 """
+    if note:
+        text += f"\nHow this run was made: {note}\n"
     out.write_text(text)
 
 
@@ -435,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "REPRODUCTION.md", help="the report"
     )
+    parser.add_argument(
+        "--note", default=None, help="a sentence for the report on how the runs were made (reuse, scheduling)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not (args.stage0 / "preset.yaml").is_file():
@@ -450,9 +460,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for mode in args.encodings:
         train_encoding(mode, args.seeds, stage0, runs, tokenizer, data, args.scale)
     results = collect(args.encodings, args.seeds, stage0, runs, args.eval_pages, args.probe_pages)
-    command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if args.note is not None:  # the report prints the note itself
+        del given[given.index("--note") : given.index("--note") + 2]
+    command = "python benchmarks/reproduce.py " + " ".join(given)
     pages_used = {"train": pages, "eval": args.eval_pages, "probe": args.probe_pages}
-    write_report(results, args.out, command, pages_used, time.perf_counter() - start)
+    write_report(results, args.out, command, pages_used, time.perf_counter() - start, args.note)
     logger.info("wrote %s", args.out)
     return 0
 
