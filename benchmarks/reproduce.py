@@ -461,8 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_encoding(mode, args.seeds, stage0, runs, tokenizer, data, args.scale)
     results = collect(args.encodings, args.seeds, stage0, runs, args.eval_pages, args.probe_pages)
     given = list(sys.argv[1:] if argv is None else argv)
-    if args.note is not None:  # the report prints the note itself
+    if "--note" in given:  # the report prints the note itself
         del given[given.index("--note") : given.index("--note") + 2]
+    given = [a for a in given if not a.startswith("--note=")]
     command = "python benchmarks/reproduce.py " + " ".join(given)
     pages_used = {"train": pages, "eval": args.eval_pages, "probe": args.probe_pages}
     write_report(results, args.out, command, pages_used, time.perf_counter() - start, args.note)
