@@ -352,6 +352,22 @@ def discussion(results: dict[str, Any]) -> str:
         f"resampler here; LLaVA-NeXT as published feeds every patch of its tiles and base image, "
         f"{cost['anyres']['vit_patches']:.0f} tokens per image on these pages before its unpadding."
     )
+    probe = {m: r["probe"] for m, r in results.items()}
+    fine.append(
+        f"The perception side is where the encodings part clearly: the frozen tower reads "
+        f"{100 * probe['uhd']['slice_char_acc']:.1f}% of the characters on UHD's slices, "
+        f"{100 * probe['anyres']['slice_char_acc']:.1f}% on the fixed tiles and "
+        f"{100 * probe['resize']['overview_char_acc']:.1f}% on the resize (its one view). The answers gain far "
+        f"less, because the resampler's {results['resize']['costs']['all']['tokens']:.0f} queries per piece "
+        f"pass little of a piece's glyphs on to the LM at this scale, so small gaps here are a few answers: "
+        + "; ".join(
+            f"{ENCODINGS[m]} answered "
+            + " and ".join(f"{x['by_kind']['code']['correct']}" for x in r["seeds"].values())
+            + f" of {next(iter(r['seeds'].values()))['by_kind']['code']['total']} code questions"
+            for m, r in results.items()
+        )
+        + " (per seed)."
+    )
     seeds = max(len(r["seeds"]) for r in results.values())
     fine.append(
         "Ranges in brackets are the spread over seeds (stages 1-2 reseeded; the tower and the stage0_resampler "
