@@ -398,3 +398,31 @@ def test_tiny_preset_tower_builds_from_config():
     assert siglip.cls_token is None and siglip.pos_embed.shape == (16, 32)
     out = siglip(torch.randn(3, 3 * PATCH * PATCH), torch.tensor([[1, 3]]))
     assert out.shape == (3, 32)
+
+
+def test_split_gives_chunks_of_whole_sequences_within_the_bound():
+    attend = PackedAttention.build([3, 3, 5, 5, 5, 9, 2], strategy="grouped")
+    chunks = attend.split(10)
+    assert [c.lengths for _, c in chunks] == [(3, 3), (5, 5), (5,), (9,), (2,)]
+    assert [(r.start, r.stop) for r, _ in chunks] == [(0, 6), (6, 16), (16, 21), (21, 30), (30, 32)]
+    assert [c.runs for _, c in chunks][1] == ((0, 2, 5),)  # runs restart at the chunk's first row
+    assert PackedAttention.build([4, 4], strategy="block_mask").split(4)[0][0] == slice(0, 8)  # not cut
+
+
+def test_cpu_chunks_change_nothing_forward_or_backward(hf_clip, ours):
+    pieces = _pieces(MIXED_GRIDS, seed=5)
+    pixel_values, grids = _packed(pieces)
+    weights = torch.randn(pixel_values.shape[0], ours.config.hidden_size)
+    runs = []
+    for chunk_rows in (None, 12):  # 12 rows: several chunks on this batch
+        ours.cpu_chunk_rows = chunk_rows
+        ours.zero_grad()
+        out = ours(pixel_values, grids)
+        (out * weights).sum().backward()
+        runs.append((out.detach(), [p.grad.clone() for p in ours.parameters() if p.grad is not None]))
+    ours.cpu_chunk_rows = VisionTransformer(ours.config).cpu_chunk_rows
+    ours.zero_grad()
+    assert len(ours.layout(grids).attend.split(12)) > 2
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

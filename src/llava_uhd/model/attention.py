@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -150,6 +150,26 @@ class PackedAttention:
     @property
     def max_length(self) -> int:
         return max(self.lengths)
+
+    def split(self, max_rows: int) -> list[tuple[slice, PackedAttention]]:
+        """The packed rows cut into chunks of whole sequences of at most ``max_rows`` rows each (a longer
+        sequence alone), with the attention over each chunk; only "grouped" is cut, others come back whole.
+
+        Attention never crosses a sequence, so each chunk is a self-contained sub-batch that a whole
+        transformer block can run on.
+        """
+        if self.strategy != "grouped":
+            return [(slice(0, sum(self.lengths)), self)]
+        chunks: list[tuple[slice, PackedAttention]] = []
+        start, sizes = 0, []
+        for n in (*self.lengths, None):
+            if sizes and (n is None or sum(sizes) + n > max_rows):
+                rows = slice(start, start + sum(sizes))
+                chunks.append((rows, replace(self, lengths=tuple(sizes), runs=tuple(_runs(sizes)))))
+                start, sizes = rows.stop, []
+            if n is not None:
+                sizes.append(n)
+        return chunks
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(L, H, Dh) queries, keys, values -> (L, H, Dh) outputs, softmax scale Dh^-0.5."""

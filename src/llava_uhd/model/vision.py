@@ -6,7 +6,9 @@ row kept as is. All pieces of a batch run as ONE packed sequence, each piece bei
 by its patches; attention stays within a piece (see :mod:`.attention`), so no piece is padded and no
 Python loop runs per piece. Pieces are packed sorted by length so that equal-length pieces are adjacent
 and the "grouped" attention strategy needs one dense SDPA call per distinct length. Every block runs one
-path, with or without autograd, on any device.
+path, with or without autograd, on any device; on CPU it runs on chunks of whole pieces of at most
+:data:`CPU_CHUNK_ROWS` rows, so that its intermediates stay cache-sized (benchmarks/README.md, "Vision
+encoder", measures the whole batch against the chunks).
 
 The layout follows Hugging Face's ``CLIPVisionModel`` (pre-layernorm, pre-norm blocks with q/k/v/out
 projections, quick-GELU MLP) so that its weights load through an explicit key map
@@ -35,6 +37,10 @@ from llava_uhd.model.init import init_embedding, init_position_table, init_weigh
 from llava_uhd.model.packing import check_piece_grids, cu_seqlens, segment_slots
 from llava_uhd.model.pos_embed import positions_per_patch
 from llava_uhd.model.stem import ConvStem, center_pieces
+
+# Rows of one chunk of whole pieces per block on CPU: the MLP's intermediate at 26k packed rows is ~430 MB,
+# streamed through DRAM by each elementwise op; at this size it stays in cache and the matmuls stay large.
+CPU_CHUNK_ROWS = 1536
 
 
 class PatchEmbed(nn.Module):
@@ -145,6 +151,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
         # Recompute each block in the backward pass instead of storing its activations (training only).
         self.gradient_checkpointing = False
+        # Rows per chunk of whole pieces on CPU (None: each block over the whole packed batch).
+        self.cpu_chunk_rows: int | None = CPU_CHUNK_ROWS
         self.apply(init_weights)
 
     def init_own_parameters(self) -> None:
@@ -236,9 +244,13 @@ class VisionTransformer(nn.Module):
         x = self.embed(pixel_values, piece_grids, layout)
         hidden = [x]
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        chunked = x.device.type == "cpu" and self.cpu_chunk_rows is not None and not checkpointing
+        chunks = layout.attend.split(self.cpu_chunk_rows) if chunked else []
         for block in self.blocks[:depth]:
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(block, x, layout.attend, use_reentrant=False)
+            elif len(chunks) > 1:
+                x = torch.cat([block(x[rows], attend) for rows, attend in chunks])
             else:
                 x = block(x, layout.attend)
             hidden = [*hidden, x] if keep_all else [x]
