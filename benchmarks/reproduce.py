@@ -253,22 +253,29 @@ def _buckets() -> list[str]:
     return [f"{low}-{high - 1}" for low, high in BUCKETS]
 
 
+_KINDS_AND_COSTS = (
+    " | ".join(QUESTION_KINDS) + " | visual tokens / image | ViT patches / image | GFLOPs / image |"
+)
+
+
+def _kinds_and_costs(
+    runs: Sequence[dict[str, Any]], costs: dict[str, float], bucket: str | None = None
+) -> str:
+    """The cells of one row under :data:`_KINDS_AND_COSTS`: each kind's accuracy, then the costs per image."""
+    return (
+        " | ".join(_cell([_rates(x, k, bucket) for x in runs]) for k in QUESTION_KINDS)
+        + f" | {costs['tokens']:.0f} | {costs['vit_patches']:.0f} | {costs['flops'] / 1e9:.2f} |"
+    )
+
+
 def tables(results: dict[str, Any]) -> str:
-    kinds = list(QUESTION_KINDS)
     lines = [
-        "| encoding | "
-        + " | ".join(kinds)
-        + " | visual tokens / image | ViT patches / image | GFLOPs / image |",
-        "| --- |" + " --- |" * (len(kinds) + 3),
+        f"| encoding | {_KINDS_AND_COSTS}",
+        "| --- |" + " --- |" * (len(QUESTION_KINDS) + 3),
     ]
     for mode, r in results.items():
         runs = list(r["seeds"].values())
-        c = r["costs"]["all"]
-        lines.append(
-            f"| {ENCODINGS[mode]} (`{mode}`) | "
-            + " | ".join(_cell([_rates(x, k) for x in runs]) for k in kinds)
-            + f" | {c['tokens']:.0f} | {c['vit_patches']:.0f} | {c['flops'] / 1e9:.2f} |"
-        )
+        lines.append(f"| {ENCODINGS[mode]} (`{mode}`) | " + _kinds_and_costs(runs, r["costs"]["all"]))
     lines += ["", "Code questions by the page's long side (px); tokens per image in that bucket:", ""]
     lines += ["| encoding | " + " | ".join(_buckets()) + " |", "| --- |" + " --- |" * len(BUCKETS)]
     for mode, r in results.items():
@@ -285,22 +292,14 @@ def tables(results: dict[str, Any]) -> str:
         "",
         "Every question kind by the page's long side, with the bucket's costs per image:",
         "",
-        "| encoding | long side (px) | "
-        + " | ".join(kinds)
-        + " | visual tokens / image | ViT patches / image | GFLOPs / image |",
-        "| --- | --- |" + " --- |" * (len(kinds) + 3),
+        f"| encoding | long side (px) | {_KINDS_AND_COSTS}",
+        "| --- | --- |" + " --- |" * (len(QUESTION_KINDS) + 3),
     ]
     for mode, r in results.items():
         runs = list(r["seeds"].values())
         for b in _buckets():
-            c = r["costs"].get(b)
-            if c is None:
-                continue
-            lines.append(
-                f"| {ENCODINGS[mode]} | {b} | "
-                + " | ".join(_cell([_rates(x, k, b) for x in runs]) for k in kinds)
-                + f" | {c['tokens']:.0f} | {c['vit_patches']:.0f} | {c['flops'] / 1e9:.2f} |"
-            )
+            if b in r["costs"]:
+                lines.append(f"| {ENCODINGS[mode]} | {b} | " + _kinds_and_costs(runs, r["costs"][b], b))
     lines += [
         "",
         "Stage-0 glyph probe: the frozen tower's glyph head read at each drawn character's true place, on the "
