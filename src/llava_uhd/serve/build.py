@@ -34,7 +34,7 @@ def build_server(
 ) -> tuple[Engine, Batcher]:
     """The engine and the running batcher of a server for ``model`` (a folder; None: the bundled model)."""
     limits = limits or ServerLimits()
-    # checks them
+    # the decoding defaults, checked as every request's settings are
     GenerationOptions(
         max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, top_p=top_p
     )
