@@ -23,7 +23,9 @@ from llava_uhd.inference.generate import answer  # noqa: E402
 from llava_uhd.serve.app import create_app  # noqa: E402
 from llava_uhd.serve.batcher import Batcher  # noqa: E402
 from llava_uhd.serve.build import build_server  # noqa: E402
+from llava_uhd.serve.engine import Done  # noqa: E402
 from llava_uhd.serve.limits import ServerLimits  # noqa: E402
+from llava_uhd.serve.schema import parse_chat_request  # noqa: E402
 from serve_helpers import EXAMPLE, data_url, image_message, png_bytes, running  # noqa: E402
 
 LIMITS = ServerLimits(
@@ -195,6 +197,31 @@ def test_a_repeated_image_skips_the_vision_tower(server, client):
         hook.remove()
 
 
+def test_an_image_two_requests_race_for_is_encoded_once(server):
+    # Both requests miss the cache while it is empty and land in different batches: the second batch finds
+    # the image the first one put in and runs no ViT.
+    engine, url = server
+    calls = []
+    hook = engine.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    body = {
+        "messages": [image_message(data_url(png_bytes(610, 330, (90, 30, 140))), QUESTION)],
+        "max_tokens": 2,
+    }
+    first, second = (engine.prepare(parse_chat_request(json.dumps(body).encode())) for _ in range(2))
+    encoded = _metrics(url)["llava_uhd_images_encoded_total"]
+    answers: list[list] = [[], []]
+    first.emit, second.emit = answers[0].append, answers[1].append
+    try:
+        assert first.images[0].entry is None and second.images[0].entry is None
+        engine.run_batch([first])
+        engine.run_batch([second])
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert _metrics(url)["llava_uhd_images_encoded_total"] == encoded + 1
+    assert answers[0] == answers[1] and isinstance(answers[0][-1], Done)
+
+
 def test_concurrent_requests_share_batches_and_match_one_at_a_time(server, client):
     engine, url = server
     images = [
@@ -222,9 +249,16 @@ def test_concurrent_requests_share_batches_and_match_one_at_a_time(server, clien
 
 
 def _batch_counts(url: str) -> tuple[int, int]:
-    text = _get(url, "/metrics")[1]
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    values = _metrics(url)
     return int(values["llava_uhd_batch_size_count"]), int(values["llava_uhd_batch_size_sum"])
+
+
+def _metrics(url: str) -> dict[str, float]:
+    text = _get(url, "/metrics")[1]
+    return {
+        k: float(v)
+        for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line[:1] not in ("", "#"))
+    }
 
 
 def _get(url: str, path: str) -> tuple[int, str]:
@@ -251,6 +285,7 @@ def test_models_health_metrics_and_plan(server, client):
         "tokens_per_second",
         "image_cache_hits_total",
         "image_cache_misses_total",
+        "images_encoded_total",
         'stage_seconds_total{stage="vit"}',
     ):
         assert f"llava_uhd_{name}" in metrics

@@ -61,15 +61,16 @@ class ImageFeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> ImageFeatures | None:
-        """The entry of ``key`` (now the most recently used), or None; counted as a hit or a miss."""
+    def get(self, key: str, *, count: bool = True) -> ImageFeatures | None:
+        """The entry of ``key`` (now the most recently used), or None; counted as a hit or a miss unless
+        ``count`` is False (a second look for the same request)."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
+            if count:
+                self.hits += entry is not None
+                self.misses += entry is None
+            if entry is not None:
+                self._entries.move_to_end(key)
             return entry
 
     def put(self, key: str, entry: ImageFeatures) -> None:

@@ -284,10 +284,17 @@ class Engine:
     def _encode_new_images(self, jobs: list[Job]) -> list[torch.Tensor | None]:
         """(N_j, Q, D) tokens of each job's images (None without images), encoding the new ones at once."""
         new: dict[str, PreparedImage] = {}
-        for image in (image for job in jobs for image in job.images):
-            if image.entry is None:
-                new.setdefault(image.key, image)
         encoded: dict[str, ImageFeatures] = {}
+        for image in (image for job in jobs for image in job.images):
+            if image.entry is not None or image.key in new or image.key in encoded:
+                continue
+            # A request that arrived while an earlier batch was encoding the same image missed the cache
+            # then; that batch has put it in since, so the ViT runs once per image however requests race.
+            entry = self.cache.get(image.key, count=False)
+            if entry is not None:
+                encoded[image.key] = entry
+            else:
+                new[image.key] = image
         if new:
             device = self.model.device
             pixel_values = torch.cat([im.pixels.pixel_values for im in new.values()]).to(device)
@@ -300,6 +307,7 @@ class Engine:
             _sync(device)
             self.metrics.add_stage("vit", middle - start)
             self.metrics.add_stage("resampler", time.perf_counter() - middle)
+            self.metrics.add_encoded(len(new))
             offset = 0
             for key, image in new.items():
                 pieces = image.plan.num_slices + 1

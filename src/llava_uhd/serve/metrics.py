@@ -2,7 +2,8 @@
 
 Requests and responses by status code, queue depth, batch sizes, generated tokens and the time spent
 generating them, seconds per stage (image decode, slicing, ViT, resampler, prefill, decode steps) and the
-image-feature cache's hits, misses and size. Thread-safe: the model thread and request handlers both count.
+image-feature cache's hits, misses and size, and the images encoded (runs of ViT + resampler). Thread-safe:
+the model thread and request handlers both count.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Metrics:
         self.batch_sizes: Counter[int] = Counter()
         self.generated_tokens = 0
         self.generation_seconds = 0.0
+        self.images_encoded = 0
         self.gauges: dict[str, Callable[[], float]] = {}
 
     def count_request(self, endpoint: str, status: int) -> None:
@@ -43,6 +45,10 @@ class Metrics:
             self.batch_sizes[size] += 1
             self.generated_tokens += tokens
             self.generation_seconds += seconds
+
+    def add_encoded(self, images: int) -> None:
+        with self._lock:
+            self.images_encoded += images
 
     def render(self) -> str:
         """All metrics as Prometheus text."""
@@ -78,6 +84,8 @@ class Metrics:
             rate = self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
             _family(lines, "tokens_per_second", "gauge", "generated tokens per second of generation")
             lines.append(f"{PREFIX}_tokens_per_second {rate:.3f}")
+            _family(lines, "images_encoded_total", "counter", "images run through the ViT and the resampler")
+            lines.append(f"{PREFIX}_images_encoded_total {self.images_encoded}")
             for name, read in sorted(self.gauges.items()):
                 kind = "counter" if name.endswith("_total") else "gauge"
                 _family(lines, name, kind, name.replace("_", " "))
