@@ -169,6 +169,21 @@ def test_padded_baseline_of_the_benchmark_equals_per_piece_oracle(hf_clip, ours,
     assert (features - expected).abs().max() <= TOL
 
 
+def test_hand_fused_baseline_of_the_benchmark_equals_per_piece_oracle(
+    hf_clip, ours, vision_benchmark, monkeypatch
+):
+    monkeypatch.setattr(vision_benchmark, "CPU_CHUNK_ROWS", 100)  # several chunks, buffers reused across them
+    monkeypatch.setattr(vision_benchmark, "FUSED_ACT_ROWS", 7)
+    pieces = _pieces(MIXED_GRIDS)
+    pixel_values, grids = _packed(pieces)
+    with torch.inference_mode():
+        features = vision_benchmark.fused_blocks(ours, pixel_values, grids)
+    expected = torch.cat([h[-2][0, 1:] for h in _oracle(hf_clip, pieces)])
+    assert len(ours.layout(grids).attend.split(100)) > 2
+    assert features.shape == expected.shape
+    assert (features - expected).abs().max() <= TOL
+
+
 def test_varlen_path_plumbing_with_a_reference_kernel(monkeypatch, hf_clip, ours):
     """On CUDA the varlen kernel is used; here a per-segment reference kernel stands in for it."""
     seen = {}
