@@ -10,6 +10,9 @@ them three ways, all through the same blocks:
   key-padding mask, the whole tower running on the pads too;
 - loop: one forward per piece.
 
+On CPU the packed forward also runs with every block through its module calls (the path of autograd, GPUs
+and ZeRO-3), against the fused blocks that CPU inference takes.
+
 The peer runs in the same batch: transformers' ``CLIPVisionModel`` (SDPA attention) called once per piece
 with ``interpolate_pos_encoding=True``, the way the released LLaVA-UHD code drives its tower, loaded with
 the same weights (outputs are checked equal).
@@ -58,10 +61,7 @@ IMAGE_SIZES = [
 TARGET_SPEEDUP = 1.3  # the packed encoder's goal: this much faster than both the loop and the padded batch
 PADDED = "padded to 24x24 + key mask"
 LOOP = "per-piece loop"
-WHOLE = "packed, each block over the whole batch (no CPU chunks)"
-FUSED = "packed, hand-fused inference blocks (matmuls into the residual, reused buffers)"
-# Rows per in-place slice of the hand-fused block's MLP activation (256 x 4096 floats = 4 MiB, cache-sized).
-FUSED_ACT_ROWS = 256
+MODULE_CALLS = "packed, the blocks' module calls (the path with autograd, on GPUs, under ZeRO-3)"
 PEER = "peer: transformers CLIPVisionModel, per piece"
 MATMULS = "floor: the blocks' matmuls alone"
 MATMULS_ATTENTION = "floor: matmuls + attention kernels"
@@ -143,6 +143,19 @@ class PaddedAttention:
         out = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), attn_mask=self.key_mask)
         return out.transpose(1, 2).reshape(q.shape)
 
+    def split(self, max_rows: int) -> list[tuple[slice, PaddedAttention]]:
+        """Chunks of whole padded sequences of at most ``max_rows`` rows (at least one sequence) each, as
+        :meth:`PackedAttention.split` gives the blocks' fused CPU path."""
+        per = max(1, max_rows // self.pad_to)
+        return [
+            (
+                slice(i * self.pad_to, (i + len(part)) * self.pad_to),
+                PaddedAttention(part, self.pad_to, self.key_mask[i : i + len(part)]),
+            )
+            for i in range(0, len(self.lengths), per)
+            for part in [self.lengths[i : i + per]]
+        ]
+
 
 def padded_layout(model: VisionTransformer, grids: torch.Tensor) -> PackedLayout:
     """Every piece (CLS, then its patches) at the start of its own slot of the pre-training grid's length
@@ -167,52 +180,15 @@ def padded_encode(model: VisionTransformer, pixel_values: torch.Tensor, grids: t
     return x[layout.patch_slots]
 
 
-def whole_batch(model: VisionTransformer, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-    """The model's forward with each block run over the whole packed batch instead of CPU chunks."""
-    chunk_rows, model.cpu_chunk_rows = model.cpu_chunk_rows, None
+def module_calls(model: VisionTransformer, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    """The model's forward with every block through its module calls, not the fused CPU path."""
+    for block in model.blocks:
+        block.fused_on_cpu = False
     try:
         return model(pixel_values, grids)
     finally:
-        model.cpu_chunk_rows = chunk_rows
-
-
-def fused_blocks(model: VisionTransformer, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-    """The packed forward with each block hand-fused for inference (the baseline of the kept path).
-
-    Per chunk of whole pieces, the q/k/v matmuls write into buffers reused by every chunk, the output
-    projection and fc2 accumulate straight into the residual rows (``addmm`` with ``out=``), and the MLP
-    activation runs in place on cache-sized slices: no fresh (rows, 4096) temporaries to page-fault in and
-    no extra pass for the residual adds. It reads the parameters outside their modules' calls, which is
-    why the model does not use it (ZeRO-3 gathers a module's parameters only for that module's call).
-    """
-    layout = model.layout(grids)
-    x = model.embed(pixel_values, grids, layout)
-    for block in model.blocks[: model.feature_index]:
-        x = _fused_block(block, x, layout.attend)
-    return x[layout.patch_slots]
-
-
-def _fused_block(block: torch.nn.Module, x: torch.Tensor, attend: PackedAttention) -> torch.Tensor:
-    chunks = attend.split(CPU_CHUNK_ROWS)
-    most = max(rows.stop - rows.start for rows, _ in chunks)
-    attn, mlp = block.attn, block.mlp
-    qkv = x.new_empty(most, 3, x.shape[1])
-    hidden = x.new_empty(most, mlp.fc1.out_features)
-    out = x.clone()
-    for rows, chunk_attend in chunks:
-        y = out[rows]  # a view: the in-place adds below write the block's output
-        n = y.shape[0]
-        h = block.norm1(y)
-        for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
-            torch.addmm(proj.bias, h, proj.weight.t(), out=qkv[:n, i])
-        q, k, v = (qkv[:n, i].view(n, attn.num_heads, -1) for i in range(3))  # (n, H, Dh)
-        context = chunk_attend(q, k, v).reshape(y.shape)
-        torch.addmm(y, context, attn.out_proj.weight.t(), out=y).add_(attn.out_proj.bias)
-        h = torch.addmm(mlp.fc1.bias, block.norm2(y), mlp.fc1.weight.t(), out=hidden[:n])
-        for part in h.split(FUSED_ACT_ROWS):
-            part.copy_(mlp.act(part))
-        torch.addmm(y, h, mlp.fc2.weight.t(), out=y).add_(mlp.fc2.bias)
-    return out
+        for block in model.blocks:
+            block.fused_on_cpu = True
 
 
 def per_piece_loop(model: VisionTransformer, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
@@ -303,14 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     one_pixels = pixel_values[: int(one.prod(dim=1).sum())]
     methods = {
         f"packed ({model.layout(grids).attend.strategy})": lambda: model(pixel_values, grids),
-        **(
-            {}
-            if cuda
-            else {
-                WHOLE: lambda: whole_batch(model, pixel_values, grids),
-                FUSED: lambda: fused_blocks(model, pixel_values, grids),
-            }
-        ),
+        **({} if cuda else {MODULE_CALLS: lambda: module_calls(model, pixel_values, grids)}),
         PADDED: lambda: padded_encode(model, pixel_values, grids),
         LOOP: lambda: per_piece_loop(model, pixel_values, grids),
         PEER: lambda: transformers_loop(peer, images),
@@ -398,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Target (packed >= {TARGET_SPEEDUP}x both the loop and the padded batch, wall): "
         f"{'met' if met else 'not met'} in this run ({vs_loop:.2f}x the loop, {vs_padded:.2f}x padded; "
         f"CPU time {loop.cpu / packed.cpu:.2f}x and {padded.cpu / packed.cpu:.2f}x); {vs_peer:.2f}x the "
-        "peer's per-piece loop. Our three encodings run the model's one forward path through the blocks "
-        "(plain module calls, as with autograd); only the layout of the tokens and the attention differ. "
+        "peer's per-piece loop. Our three encodings run the model's blocks the same way (on CPU without "
+        "autograd, the fused path below); only the layout of the tokens and the attention differ. "
         f"The token-wise matmuls are {100 * linear / (linear + attention):.0f}% of the FLOPs and cost the "
         "same per real token in every encoding; the floor rows time just them (plus the attention kernels) "
         f"over the packed batch in preallocated buffers: {floor.wall:.2f} s, "
@@ -425,18 +394,15 @@ def main(argv: list[str] | None = None) -> int:
         + (
             ""
             if cuda
-            else f"On CPU the blocks run on chunks of whole pieces of at most {CPU_CHUNK_ROWS} rows, so that "
-            "their intermediates stay cache-sized; the whole-batch row is the same forward without the chunks: "
-            f"{results[WHOLE].wall / packed.wall:.2f}x packed's wall time and "
-            f"{results[WHOLE].cpu / packed.cpu:.2f}x its CPU time in this run. The hand-fused row goes "
-            "further for inference (matmuls written into the residual and into buffers reused across "
-            f"chunks): {results[FUSED].wall / packed.wall:.2f}x packed's wall time and "
-            f"{results[FUSED].cpu / packed.cpu:.2f}x its CPU time; the model does not use it, since it reads "
-            "parameters outside their modules' calls (ZeRO-3 gathers a module's parameters only for its "
-            "call) and it would be a second forward to keep equal to the first. "
+            else "On CPU, where autograd records nothing (inference, a frozen tower), each block runs fused: on "
+            f"chunks of whole pieces of at most {CPU_CHUNK_ROWS} rows, so that its intermediates stay "
+            "cache-sized, with q/k/v and the MLP's hidden rows in buffers reused across chunks and the "
+            "output projection and fc2 accumulating straight into the residual. The module-calls row is the "
+            "same blocks through their plain module calls, the path of autograd, GPUs and ZeRO-3: "
+            f"{results[MODULE_CALLS].wall / packed.wall:.2f}x the fused wall time and "
+            f"{results[MODULE_CALLS].cpu / packed.cpu:.2f}x its CPU time in this run. "
         )
-        + "Everything else runs one path: the blocks' plain module calls, with or without autograd, on CPU "
-        "and GPU.",
+        + "Everything else runs one path on CPU and GPU.",
     ]
     table = "\n".join(lines)
     print(table)

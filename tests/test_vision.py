@@ -21,8 +21,9 @@ from llava_uhd.config import TINY, VisionConfig
 from llava_uhd.errors import ConfigError, ModelInputError
 from llava_uhd.model import attention as attention_module
 from llava_uhd.model import pos_embed as pos_embed_module
+from llava_uhd.model import vision as vision_module
 from llava_uhd.model.attention import PackedAttention, block_diagonal_mask, choose_strategy
-from llava_uhd.model.vision import VisionTransformer
+from llava_uhd.model.vision import EncoderBlock, VisionTransformer
 from llava_uhd.model.weights import load_clip_vision, vision_config_from_hf
 
 TOL = 1e-5
@@ -165,21 +166,6 @@ def test_padded_baseline_of_the_benchmark_equals_per_piece_oracle(hf_clip, ours,
     with torch.no_grad():
         features = vision_benchmark.padded_encode(ours, pixel_values, grids)
     expected = torch.cat([h[-2][0, 1:] for h in _oracle(hf_clip, pieces)])
-    assert features.shape == expected.shape
-    assert (features - expected).abs().max() <= TOL
-
-
-def test_hand_fused_baseline_of_the_benchmark_equals_per_piece_oracle(
-    hf_clip, ours, vision_benchmark, monkeypatch
-):
-    monkeypatch.setattr(vision_benchmark, "CPU_CHUNK_ROWS", 100)  # several chunks, buffers reused across them
-    monkeypatch.setattr(vision_benchmark, "FUSED_ACT_ROWS", 7)
-    pieces = _pieces(MIXED_GRIDS)
-    pixel_values, grids = _packed(pieces)
-    with torch.inference_mode():
-        features = vision_benchmark.fused_blocks(ours, pixel_values, grids)
-    expected = torch.cat([h[-2][0, 1:] for h in _oracle(hf_clip, pieces)])
-    assert len(ours.layout(grids).attend.split(100)) > 2
     assert features.shape == expected.shape
     assert (features - expected).abs().max() <= TOL
 
@@ -424,20 +410,66 @@ def test_split_gives_chunks_of_whole_sequences_within_the_bound():
     assert PackedAttention.build([4, 4], strategy="block_mask").split(4)[0][0] == slice(0, 8)  # not cut
 
 
-def test_cpu_chunks_change_nothing_forward_or_backward(hf_clip, ours):
+def _module_calls(model: VisionTransformer, on: bool) -> None:
+    for block in model.blocks:
+        block.fused_on_cpu = not on
+
+
+def test_fused_cpu_blocks_equal_the_module_calls_and_the_oracle(hf_clip, ours, monkeypatch):
+    monkeypatch.setattr(vision_module, "CPU_CHUNK_ROWS", 12)  # several chunks, buffers reused across them
+    monkeypatch.setattr(vision_module, "ACT_ROWS", 5)
+    fused = []
+    real = EncoderBlock._forward_fused
+    monkeypatch.setattr(EncoderBlock, "_forward_fused", lambda self, *a: fused.append(1) or real(self, *a))
     pieces = _pieces(MIXED_GRIDS, seed=5)
     pixel_values, grids = _packed(pieces)
+    with torch.inference_mode():
+        got = ours(pixel_values, grids)
+        assert len(fused) == ours.feature_index
+        _module_calls(ours, True)
+        try:
+            plain = ours(pixel_values, grids)
+        finally:
+            _module_calls(ours, False)
+    assert len(fused) == ours.feature_index and len(ours.layout(grids).attend.split(12)) > 2
+    expected = torch.cat([h[-2][0, 1:] for h in _oracle(hf_clip, pieces)])
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_fused_path_runs_only_where_it_computes_the_same(ours, monkeypatch):
+    """Not when autograd records the block, under autocast, for swapped projections (adapters, quantized
+    weights) or ZeRO-3's partitioned parameters; a frozen tower in grad mode is fused."""
+    block = ours.blocks[0]
+    x = torch.randn(4, ours.config.hidden_size)
+    assert not block._fusable(x)  # its parameters train and grad mode is on
+    frozen = VisionTransformer(ours.config).requires_grad_(False).blocks[0]
+    assert frozen._fusable(x) and not frozen._fusable(x.clone().requires_grad_())
+    with torch.no_grad():
+        assert block._fusable(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not block._fusable(x)
+        other = EncoderBlock(ours.config)
+        assert other._fusable(x)
+        monkeypatch.setattr(other.attn.q_proj.weight, "ds_id", 7, raising=False)
+        assert not other._fusable(x)
+        adapted = EncoderBlock(ours.config)
+        adapted.mlp.fc1 = torch.nn.Sequential(adapted.mlp.fc1)
+        assert not adapted._fusable(x)
+
+
+def test_gradients_through_the_module_calls_match_the_oracle(hf_clip, ours):
+    pieces = _pieces(MIXED_GRIDS[:4], seed=6)
+    pixel_values, grids = _packed(pieces)
     weights = torch.randn(pixel_values.shape[0], ours.config.hidden_size)
-    runs = []
-    for chunk_rows in (None, 12):  # 12 rows: several chunks on this batch
-        ours.cpu_chunk_rows = chunk_rows
-        ours.zero_grad()
-        out = ours(pixel_values, grids)
-        (out * weights).sum().backward()
-        runs.append((out.detach(), [p.grad.clone() for p in ours.parameters() if p.grad is not None]))
-    ours.cpu_chunk_rows = VisionTransformer(ours.config).cpu_chunk_rows
+    (ours(pixel_values, grids) * weights).sum().backward()
+    hidden = [
+        hf_clip(p, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states for p in pieces
+    ]
+    (torch.cat([h[-2][0, 1:] for h in hidden]) * weights).sum().backward()
+    mine = ours.blocks[0].mlp.fc1.weight.grad.clone()
+    reference = hf_clip.get_parameter("encoder.layers.0.mlp.fc1.weight").grad.clone()
     ours.zero_grad()
-    assert len(ours.layout(grids).attend.split(12)) > 2
-    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(runs[0][1], runs[1][1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    hf_clip.zero_grad()
+    assert mine.abs().max() > 0
+    torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)

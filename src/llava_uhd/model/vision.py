@@ -5,10 +5,10 @@ pre-trained 24x24 position table is bicubically resized to the slice's (rows, co
 row kept as is. All pieces of a batch run as ONE packed sequence, each piece being its CLS token followed
 by its patches; attention stays within a piece (see :mod:`.attention`), so no piece is padded and no
 Python loop runs per piece. Pieces are packed sorted by length so that equal-length pieces are adjacent
-and the "grouped" attention strategy needs one dense SDPA call per distinct length. Every block runs one
-path, with or without autograd, on any device; on CPU it runs on chunks of whole pieces of at most
-:data:`CPU_CHUNK_ROWS` rows, so that its intermediates stay cache-sized (benchmarks/README.md, "Vision
-encoder", measures the whole batch against the chunks).
+and the "grouped" attention strategy needs one dense SDPA call per distinct length. A block's path is its
+module calls: with autograd, on GPUs, under ZeRO-3. On CPU, when autograd records nothing (inference, a
+frozen tower), it runs the same arithmetic hand-fused on chunks of whole pieces, which benchmarks/README.md
+("Vision encoder") times against the module calls in the same run.
 
 The layout follows Hugging Face's ``CLIPVisionModel`` (pre-layernorm, pre-norm blocks with q/k/v/out
 projections, quick-GELU MLP) so that its weights load through an explicit key map
@@ -38,9 +38,12 @@ from llava_uhd.model.packing import check_piece_grids, cu_seqlens, segment_slots
 from llava_uhd.model.pos_embed import positions_per_patch
 from llava_uhd.model.stem import ConvStem, center_pieces
 
-# Rows of one chunk of whole pieces per block on CPU: the MLP's intermediate at 26k packed rows is ~430 MB,
-# streamed through DRAM by each elementwise op; at this size it stays in cache and the matmuls stay large.
+# Rows of one chunk of whole pieces per fused block on CPU: the MLP's intermediate at 26k packed rows is
+# ~430 MB, streamed through DRAM by each elementwise op; at this size it stays in cache and the matmuls stay
+# large.
 CPU_CHUNK_ROWS = 1536
+# Rows per in-place slice of the fused block's MLP activation: 256 x 4096 floats (4 MiB) of temporaries.
+ACT_ROWS = 256
 
 
 class PatchEmbed(nn.Module):
@@ -105,10 +108,62 @@ class EncoderBlock(nn.Module):
         self.attn = SelfAttention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
+        # False: the module calls on CPU too (the benchmark's comparison, a check against the fused path)
+        self.fused_on_cpu = True
 
     def forward(self, x: torch.Tensor, attend: PackedAttention) -> torch.Tensor:
+        if self._fusable(x):
+            return self._forward_fused(x, attend)
         x = x + self.attn(self.norm1(x), attend)
         return x + self.mlp(self.norm2(x))
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether the fused path computes what the module calls would: CPU without autocast, nothing for
+        autograd to record, plain ``nn.Linear`` projections (not adapters or quantized swaps) holding whole
+        plain tensors (ZeRO-3 partitions parameters, marking them ``ds_id``, and gathers them only for the
+        calls of their own modules)."""
+        if not self.fused_on_cpu or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return False
+        linears = (*self._projections(), self.attn.out_proj, self.mlp.fc1, self.mlp.fc2)
+        if any(type(m) is not nn.Linear or m.bias is None for m in linears):
+            return False
+        params = list(self.parameters())
+        if any(hasattr(p, "ds_id") or type(p.data) is not torch.Tensor for p in params):
+            return False
+        return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
+
+    def _projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.attn.q_proj, self.attn.k_proj, self.attn.v_proj
+
+    def _forward_fused(self, x: torch.Tensor, attend: PackedAttention) -> torch.Tensor:
+        """The block without autograd, on chunks of whole pieces, with the residual adds in the matmuls.
+
+        Attention never crosses a piece, so a chunk of whole pieces is a self-contained sub-batch. Per
+        chunk of at most :data:`CPU_CHUNK_ROWS` rows the intermediates stay cache-sized while the matmuls
+        stay large; q/k/v and the MLP's hidden rows go into buffers reused by every chunk (fresh ones are
+        page-faulted in again each time); the output projection and fc2 accumulate straight into the
+        residual rows (``addmm`` with ``out=``, a form ``torch.utils.flop_counter`` counts); the activation
+        runs in place on slices of :data:`ACT_ROWS` rows.
+        """
+        chunks = attend.split(CPU_CHUNK_ROWS)
+        most = max(rows.stop - rows.start for rows, _ in chunks)
+        qkv = x.new_empty(most, 3, x.shape[1])
+        hidden = x.new_empty(most, self.mlp.fc1.out_features)
+        out = x.clone()
+        for rows, chunk_attend in chunks:
+            y = out[rows]  # a view: the in-place adds below write the block's output
+            n = y.shape[0]
+            h = self.norm1(y)
+            for i, proj in enumerate(self._projections()):
+                torch.addmm(proj.bias, h, proj.weight.t(), out=qkv[:n, i])
+            q, k, v = (qkv[:n, i].view(n, self.attn.num_heads, -1) for i in range(3))  # (n, H, Dh)
+            context = chunk_attend(q, k, v).reshape(y.shape)
+            torch.addmm(y, context, self.attn.out_proj.weight.t(), out=y).add_(self.attn.out_proj.bias)
+            h = torch.addmm(self.mlp.fc1.bias, self.norm2(y), self.mlp.fc1.weight.t(), out=hidden[:n])
+            for part in h.split(ACT_ROWS):
+                part.copy_(self.mlp.act(part))
+            torch.addmm(y, h, self.mlp.fc2.weight.t(), out=y).add_(self.mlp.fc2.bias)
+        return out
 
 
 @dataclass(frozen=True)
@@ -151,8 +206,6 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
         # Recompute each block in the backward pass instead of storing its activations (training only).
         self.gradient_checkpointing = False
-        # Rows per chunk of whole pieces on CPU (None: each block over the whole packed batch).
-        self.cpu_chunk_rows: int | None = CPU_CHUNK_ROWS
         self.apply(init_weights)
 
     def init_own_parameters(self) -> None:
@@ -244,13 +297,9 @@ class VisionTransformer(nn.Module):
         x = self.embed(pixel_values, piece_grids, layout)
         hidden = [x]
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        chunked = x.device.type == "cpu" and self.cpu_chunk_rows is not None and not checkpointing
-        chunks = layout.attend.split(self.cpu_chunk_rows) if chunked else []
         for block in self.blocks[:depth]:
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(block, x, layout.attend, use_reentrant=False)
-            elif len(chunks) > 1:
-                x = torch.cat([block(x[rows], attend) for rows, attend in chunks])
             else:
                 x = block(x, layout.attend)
             hidden = [*hidden, x] if keep_all else [x]
