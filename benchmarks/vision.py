@@ -182,13 +182,8 @@ def padded_encode(model: VisionTransformer, pixel_values: torch.Tensor, grids: t
 
 def module_calls(model: VisionTransformer, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
     """The model's forward with every block through its module calls, not the fused CPU path."""
-    for block in model.blocks:
-        block.fused_on_cpu = False
-    try:
+    with model.unfused():
         return model(pixel_values, grids)
-    finally:
-        for block in model.blocks:
-            block.fused_on_cpu = True
 
 
 def per_piece_loop(model: VisionTransformer, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:

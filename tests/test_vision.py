@@ -410,11 +410,6 @@ def test_split_gives_chunks_of_whole_sequences_within_the_bound():
     assert PackedAttention.build([4, 4], strategy="block_mask").split(4)[0][0] == slice(0, 8)  # not cut
 
 
-def _module_calls(model: VisionTransformer, on: bool) -> None:
-    for block in model.blocks:
-        block.fused_on_cpu = not on
-
-
 def test_fused_cpu_blocks_equal_the_module_calls_and_the_oracle(hf_clip, ours, monkeypatch):
     monkeypatch.setattr(vision_module, "CPU_CHUNK_ROWS", 12)  # several chunks, buffers reused across them
     monkeypatch.setattr(vision_module, "ACT_ROWS", 5)
@@ -426,11 +421,8 @@ def test_fused_cpu_blocks_equal_the_module_calls_and_the_oracle(hf_clip, ours, m
     with torch.inference_mode():
         got = ours(pixel_values, grids)
         assert len(fused) == ours.feature_index
-        _module_calls(ours, True)
-        try:
+        with ours.unfused():
             plain = ours(pixel_values, grids)
-        finally:
-            _module_calls(ours, False)
     assert len(fused) == ours.feature_index and len(ours.layout(grids).attend.split(12)) > 2
     expected = torch.cat([h[-2][0, 1:] for h in _oracle(hf_clip, pieces)])
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)

@@ -161,14 +161,19 @@ class PackedAttention:
         if self.strategy != "grouped":
             return [(slice(0, sum(self.lengths)), self)]
         chunks: list[tuple[slice, PackedAttention]] = []
-        start, sizes = 0, []
+        start, sizes, rows = 0, [], 0  # the open chunk: its first row, its sequences, their rows
         for n in (*self.lengths, None):
-            if sizes and (n is None or sum(sizes) + n > max_rows):
-                rows = slice(start, start + sum(sizes))
-                chunks.append((rows, replace(self, lengths=tuple(sizes), runs=tuple(_runs(sizes)))))
-                start, sizes = rows.stop, []
+            if sizes and (n is None or rows + n > max_rows):
+                chunks.append(
+                    (
+                        slice(start, start + rows),
+                        replace(self, lengths=tuple(sizes), runs=tuple(_runs(sizes))),
+                    )
+                )
+                start, sizes, rows = start + rows, [], 0
             if n is not None:
                 sizes.append(n)
+                rows += n
         return chunks
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

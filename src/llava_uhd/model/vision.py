@@ -22,6 +22,8 @@ a flattened patch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +110,7 @@ class EncoderBlock(nn.Module):
         self.attn = SelfAttention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
-        # False: the module calls on CPU too (the benchmark's comparison, a check against the fused path)
+        # False: the module calls on CPU too (set through VisionTransformer.unfused)
         self.fused_on_cpu = True
 
     def forward(self, x: torch.Tensor, attend: PackedAttention) -> torch.Tensor:
@@ -213,6 +215,18 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             init_embedding(self.cls_token, self.config.hidden_size)
         init_position_table(self.pos_embed)
+
+    @contextlib.contextmanager
+    def unfused(self) -> Iterator[None]:
+        """Within the block, every encoder block runs its module calls on CPU too (to compare with, or check
+        against, the fused path)."""
+        for block in self.blocks:
+            block.fused_on_cpu = False
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                block.fused_on_cpu = True
 
     @property
     def feature_index(self) -> int:
